@@ -1,0 +1,118 @@
+//! `snapguard check METHOD PATH < body`: the proxy's decision on one request, offline.
+//!
+//! Runs the same classification and policy functions as the proxy, so a CI pipeline can test
+//! its snapshot names before calling the API.
+
+use std::fmt::Write;
+
+use http::{HeaderMap, Method};
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::policy::{self, Mode, Verdict, Violation};
+use crate::proxy::Decision;
+use crate::route::{self, Class, ErrorStyle, Route};
+
+/// What the proxy would do with a request.
+#[derive(Debug)]
+pub struct Report<'c> {
+    pub route: Option<&'c Route>,
+    pub decision: Decision,
+    pub violation: Option<Violation>,
+    /// The body that would be forwarded, when the request would be forwarded.
+    pub forwarded: Option<Vec<u8>>,
+}
+
+impl Report<'_> {
+    /// Whether the request would reach the upstream.
+    pub fn allowed(&self) -> bool {
+        self.decision != Decision::Rejected
+    }
+
+    /// The human- and grep-friendly report printed by `snapguard check`.
+    pub fn render(&self, config: &Config) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "decision: {}", self.decision.as_str());
+        let _ = writeln!(
+            out,
+            "route: {}",
+            self.route.map_or("none", |r| r.template.as_str())
+        );
+        if let Some(v) = &self.violation {
+            let _ = writeln!(out, "rule: {}", v.rule());
+            if let Some(field) = v.field() {
+                let _ = writeln!(out, "field: {field}");
+            }
+            let error = Error::Policy(v.clone());
+            let style = self.route.map_or(ErrorStyle::Openstack, |r| r.error_style);
+            if self.decision == Decision::Rejected {
+                let _ = writeln!(out, "status: {}", error.status().as_u16());
+                let _ = writeln!(
+                    out,
+                    "response body: {}",
+                    error.document(style, &config.errors)
+                );
+            } else {
+                let _ = writeln!(
+                    out,
+                    "would be refused in enforce mode with: {}",
+                    error.document(style, &config.errors)
+                );
+            }
+        }
+        if let Some(body) = &self.forwarded {
+            let _ = writeln!(out, "forwarded body: {}", String::from_utf8_lossy(body));
+        }
+        out
+    }
+}
+
+/// Decides on a request as the proxy would.
+pub fn evaluate<'c>(
+    config: &'c Config,
+    method: &Method,
+    headers: &HeaderMap,
+    path: &str,
+    body: &[u8],
+) -> Report<'c> {
+    let path = path.split_once('?').map_or(path, |(path, _)| path);
+    let refuse = |route, v: Violation| Report {
+        route,
+        decision: match config.policy.mode {
+            Mode::Enforce => Decision::Rejected,
+            Mode::Audit => Decision::Audit,
+        },
+        forwarded: (config.policy.mode == Mode::Audit).then(|| body.to_vec()),
+        violation: Some(v),
+    };
+    let route = match route::classify(&config.routes, method, headers, path) {
+        Class::Passthrough => {
+            return Report {
+                route: None,
+                decision: Decision::Passthrough,
+                violation: None,
+                forwarded: Some(body.to_vec()),
+            }
+        }
+        Class::Ambiguous => return refuse(None, Violation::AmbiguousPath),
+        Class::Policed { route, .. } => route,
+    };
+    let verdict = policy::check_headers(headers).and_then(|()| {
+        policy::check_body(route, &config.policy, body, !policy::is_signed(headers))
+    });
+    match verdict {
+        Ok(Verdict::Unchanged) => Report {
+            route: Some(route),
+            decision: Decision::Allowed,
+            violation: None,
+            forwarded: Some(body.to_vec()),
+        },
+        Ok(Verdict::Normalized(normalized)) => Report {
+            route: Some(route),
+            decision: Decision::Normalized,
+            violation: None,
+            forwarded: Some(normalized),
+        },
+        Err(v) => refuse(Some(route), v),
+    }
+}

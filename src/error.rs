@@ -1,0 +1,205 @@
+//! The one error type of the request path, and the one place it is rendered.
+//!
+//! Downstream faults (the policy, an unreadable body) are 4xx; upstream faults are 502/504
+//! (pingora's split). Every error is rendered in the route's error style, Cinder's `Fault` or
+//! Huawei's `{"error": ...}`, so clients see the format they already parse. Internal causes go to
+//! the log, never into a response.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::ProxyBody;
+use crate::config::ErrorsConfig;
+use crate::policy::Violation;
+use crate::route::ErrorStyle;
+
+/// Why a request did not get an upstream response.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Policy(#[from] Violation),
+    #[error("request body not received within {0:?}")]
+    BodyTimeout(Duration),
+    #[error("request body could not be read: {0}")]
+    BodyRead(#[source] hyper::Error),
+    #[error("request target {0:?} cannot be forwarded")]
+    BadTarget(String),
+    #[error("method {0} is not proxied")]
+    Method(http::Method),
+    #[error("upstream connection failed: {0}")]
+    UpstreamConnect(#[source] hyper_util::client::legacy::Error),
+    #[error("upstream request failed: {0}")]
+    Upstream(#[source] hyper_util::client::legacy::Error),
+    #[error("upstream sent no response within {0:?}")]
+    UpstreamTimeout(Duration),
+}
+
+impl Error {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Policy(v) => match v {
+                Violation::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                Violation::ContentEncoding(_) | Violation::ContentType(_) => {
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE
+                }
+                _ => StatusCode::BAD_REQUEST,
+            },
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::BodyRead(_) | Self::BadTarget(_) => StatusCode::BAD_REQUEST,
+            Self::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UpstreamConnect(_) | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// A stable, low-cardinality name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Policy(v) => v.rule(),
+            Self::BodyTimeout(_) => "body_timeout",
+            Self::BodyRead(_) => "body_read",
+            Self::BadTarget(_) => "bad_target",
+            Self::Method(_) => "method",
+            Self::UpstreamConnect(_) => "upstream_connect",
+            Self::Upstream(_) => "upstream_reset",
+            Self::UpstreamTimeout(_) => "upstream_timeout",
+        }
+    }
+
+    /// Whether the downstream HTTP/1 connection must close after the error: the rest of a body
+    /// that was not read would otherwise be taken as the next request.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            Self::Policy(Violation::BodyTooLarge { .. }) | Self::BodyTimeout(_) | Self::BodyRead(_)
+        )
+    }
+
+    /// What the downstream is told. Upstream failures get a fixed text: their causes are ours.
+    fn public_message(&self) -> String {
+        match self {
+            Self::Policy(v) => v.to_string(),
+            Self::BodyTimeout(d) => format!(
+                "The request body was not received within {} s.",
+                d.as_secs_f64()
+            ),
+            Self::BodyRead(_) => "The request body could not be read.".to_owned(),
+            Self::BadTarget(_) => "The request target cannot be forwarded.".to_owned(),
+            Self::Method(m) => format!("The method {m} is not supported by this proxy."),
+            Self::UpstreamConnect(_) | Self::Upstream(_) => {
+                "The block storage service could not be reached.".to_owned()
+            }
+            Self::UpstreamTimeout(_) => {
+                "The block storage service did not respond in time.".to_owned()
+            }
+        }
+    }
+
+    /// The error document, in `style`, as the upstream would have written it.
+    pub fn document(&self, style: ErrorStyle, codes: &ErrorsConfig) -> String {
+        let status = self.status();
+        let message = self.public_message();
+        let body = match style {
+            ErrorStyle::Openstack => serde_json::json!({
+                cinder_fault_name(status): { "code": status.as_u16(), "message": message }
+            }),
+            ErrorStyle::Huawei => serde_json::json!({
+                "error": { "code": codes.huawei_code(status), "message": message }
+            }),
+        };
+        body.to_string()
+    }
+
+    /// Renders the error as a response.
+    pub fn render(&self, style: ErrorStyle, codes: &ErrorsConfig) -> Response<ProxyBody> {
+        let mut response = Response::new(ProxyBody::full(Bytes::from(self.document(style, codes))));
+        *response.status_mut() = self.status();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        response
+    }
+}
+
+/// The names of `cinder.api.openstack.wsgi.Fault._fault_names`.
+fn cinder_fault_name(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "badRequest",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "itemNotFound",
+        405 => "badMethod",
+        409 => "conflictingRequest",
+        413 | 429 => "overLimit",
+        415 => "badMediaType",
+        501 => "notImplemented",
+        503 => "serviceUnavailable",
+        _ => "computeFault",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn render(e: &Error, style: ErrorStyle) -> (StatusCode, serde_json::Value) {
+        let r = e.render(style, &ErrorsConfig::default());
+        let status = r.status();
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn openstack_style_uses_cinder_fault_names() {
+        let cases = [
+            (
+                Error::from(Violation::MissingRoot("snapshot".into())),
+                400,
+                "badRequest",
+            ),
+            (
+                Error::from(Violation::BodyTooLarge { limit: 1 }),
+                413,
+                "overLimit",
+            ),
+            (
+                Error::from(Violation::ContentType("text/plain".into())),
+                415,
+                "badMediaType",
+            ),
+            (
+                Error::UpstreamTimeout(Duration::from_secs(1)),
+                504,
+                "computeFault",
+            ),
+            (
+                Error::BodyTimeout(Duration::from_secs(1)),
+                408,
+                "computeFault",
+            ),
+        ];
+        for (e, code, name) in cases {
+            let (status, body) = render(&e, ErrorStyle::Openstack).await;
+            assert_eq!(status.as_u16(), code);
+            assert_eq!(body[name]["code"], code, "{body}");
+            assert_eq!(body[name]["message"], e.public_message());
+        }
+    }
+
+    #[tokio::test]
+    async fn huawei_style_uses_evs_codes() {
+        let e = Error::from(Violation::MissingRoot("snapshot".into()));
+        let (status, body) = render(&e, ErrorStyle::Huawei).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["code"], "EVS.5400");
+        assert_eq!(
+            body["error"]["message"],
+            "Missing required element 'snapshot' in request body."
+        );
+    }
+}

@@ -1,0 +1,21 @@
+//! snapguard: a reverse proxy that polices snapshot naming in front of an OpenStack Cinder v3 /
+//! Huawei Cloud EVS compatible API, and streams everything else upstream unchanged.
+//!
+//! A request's way through: [`server`] accepts it, [`proxy`] asks [`route`] whether it is
+//! policed, has [`policy`] decide on its body, and forwards it with the [`upstream`] client;
+//! every failure leaves through [`error`].
+
+pub mod admin;
+pub mod body;
+pub mod check;
+pub mod config;
+pub mod error;
+pub mod headers;
+pub mod policy;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod upstream;
+
+pub use config::Config;
+pub use server::Server;

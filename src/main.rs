@@ -1,0 +1,183 @@
+//! The `snapguard` binary: arguments -> config -> tracing -> server, and the offline subcommands.
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use snapguard::config::{Config, LogFormat, UpstreamUrl};
+use snapguard::{check, server, Server};
+use tracing_subscriber::EnvFilter;
+
+/// EX_USAGE from sysexits.h: the configuration (or the command line) is wrong.
+const EXIT_CONFIG: u8 = 64;
+
+/// A reverse proxy that polices snapshot naming in front of a Cinder v3 / EVS API.
+#[derive(Debug, Parser)]
+#[command(name = "snapguard", version, about)]
+struct Cli {
+    /// TOML config file; without one, built-in defaults are used.
+    #[arg(long, global = true, env = "SNAPGUARD_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address for proxied traffic [default: 127.0.0.1:8080].
+    #[arg(long, env = "SNAPGUARD_LISTEN", value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Upstream base URL [default: http://127.0.0.1:8776].
+    #[arg(long, env = "SNAPGUARD_UPSTREAM", value_name = "URL")]
+    upstream: Option<UpstreamUrl>,
+    /// Address of the admin endpoints /healthz and /readyz [default: 127.0.0.1:9901].
+    #[arg(long, env = "SNAPGUARD_ADMIN", value_name = "ADDR")]
+    admin: Option<SocketAddr>,
+    /// Log format [default: text].
+    #[arg(long, env = "SNAPGUARD_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a config file: exit 0 when valid, 64 with the reason when not.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// Decide on one request offline, body on stdin: exit 0 if it would be forwarded, 1 if refused.
+    Check {
+        /// The request method, e.g. PUT.
+        method: String,
+        /// The request path, e.g. /v3/p1/snapshots/s1.
+        path: String,
+        /// A request header, `Name: value`; may be repeated.
+        #[arg(short = 'H', long = "header", value_name = "HEADER")]
+        headers: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig { ref file }) => match Config::load(file) {
+            Ok(_) => {
+                println!("{}: ok", file.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_error(&e),
+        },
+        Some(Command::Check {
+            ref method,
+            ref path,
+            ref headers,
+        }) => run_check(&cli, method, path, headers),
+        None => run_proxy(&cli),
+    }
+}
+
+fn config_error(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("snapguard: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+/// The config file (or the defaults), with command-line overrides applied.
+fn load(cli: &Cli) -> Result<Config, snapguard::config::ConfigError> {
+    let mut config = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = cli.listen {
+        config.listen = listen;
+    }
+    if let Some(admin) = cli.admin {
+        config.admin = admin;
+    }
+    if let Some(upstream) = &cli.upstream {
+        config.upstream.url = upstream.clone();
+    }
+    if let Some(format) = cli.log_format {
+        config.log.format = format;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn run_proxy(cli: &Cli) -> ExitCode {
+    let config = match load(cli) {
+        Ok(config) => config,
+        Err(e) => return config_error(&e),
+    };
+    init_tracing(config.log.format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("snapguard: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match Server::bind(config).await {
+            Ok(server) => {
+                server.run(server::shutdown_signal()).await;
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn run_check(cli: &Cli, method: &str, path: &str, header_args: &[String]) -> ExitCode {
+    let config = match load(cli) {
+        Ok(config) => config,
+        Err(e) => return config_error(&e),
+    };
+    let Ok(method) = Method::from_bytes(method.to_ascii_uppercase().as_bytes()) else {
+        return config_error(&format!("{method:?} is not an HTTP method"));
+    };
+    let mut headers = HeaderMap::new();
+    for arg in header_args {
+        let parsed = arg.split_once(':').and_then(|(name, value)| {
+            Some((
+                HeaderName::from_bytes(name.trim().as_bytes()).ok()?,
+                HeaderValue::from_str(value.trim()).ok()?,
+            ))
+        });
+        match parsed {
+            Some((name, value)) => {
+                headers.append(name, value);
+            }
+            None => return config_error(&format!("{arg:?} is not a `Name: value` header")),
+        }
+    }
+    // One byte over the limit is enough to know the body is too large.
+    let mut body = Vec::new();
+    let limit = config.policy.max_body_bytes as u64 + 1;
+    if let Err(e) = std::io::stdin().lock().take(limit).read_to_end(&mut body) {
+        eprintln!("snapguard: cannot read the body from stdin: {e}");
+        return ExitCode::FAILURE;
+    }
+    let report = check::evaluate(&config, &method, &headers, path, &body);
+    print!("{}", report.render(&config));
+    if report.allowed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}

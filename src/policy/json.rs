@@ -1,0 +1,237 @@
+//! Strict JSON, stricter than `serde_json::from_slice` on its own.
+//!
+//! The upstream (Python's `json`) keeps the *last* of two duplicate keys, so a body like
+//! `{"name":"ok","name":"autobk_snapshot_x"}` would be policed on one value and stored with
+//! another. [`validate`] refuses duplicates (compared after unescaping) at every depth, on top of
+//! what serde_json already refuses: a BOM, trailing data, invalid UTF-8, raw control characters,
+//! lone surrogate escapes, and nesting deeper than 128 levels (serde_json's recursion limit,
+//! which also keeps the stack bounded).
+//!
+//! [`members`] then reads one object level at a time, keeping every value as its raw text, so a
+//! normalized body re-uses the original bytes of every member it does not touch (numbers keep
+//! their exact spelling).
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// An object key or string value, borrowed from the input when it had no escapes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Text<'a>(pub Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(s.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Checks that `text` is exactly one strict JSON value.
+pub fn validate(text: &str) -> Result<(), serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    Strict::deserialize(&mut de)?;
+    de.end()
+}
+
+/// Any JSON value, visited whole, with duplicate keys refused.
+struct Strict;
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Strict)
+    }
+}
+
+impl<'de> Visitor<'de> for Strict {
+    type Value = Strict;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+    fn visit_unit<E>(self) -> Result<Strict, E> {
+        Ok(Strict)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Strict, A::Error> {
+        while seq.next_element::<Strict>()?.is_some() {}
+        Ok(Strict)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
+        let mut seen = HashSet::new();
+        while let Some(key) = map.next_key::<Text<'de>>()? {
+            map.next_value::<Strict>()?;
+            if let Some(dup) = seen.replace(key) {
+                return Err(de::Error::custom(format_args!("duplicate key {:?}", dup.0)));
+            }
+        }
+        Ok(Strict)
+    }
+}
+
+/// One object level: its members in document order, values as raw JSON text.
+pub type Members<'a> = Vec<(Cow<'a, str>, &'a RawValue)>;
+
+/// The members of `text` if it is a JSON object, else `None`. `text` must have passed
+/// [`validate`]: duplicates are not checked again here.
+pub fn members(text: &str) -> Option<Members<'_>> {
+    struct Object<'a>(Members<'a>);
+    impl<'de> Deserialize<'de> for Object<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Object<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("an object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Object<'de>, A::Error> {
+                    let mut members = Vec::new();
+                    while let Some((Text(k), v)) = map.next_entry::<Text<'de>, &'de RawValue>()? {
+                        members.push((k, v));
+                    }
+                    Ok(Object(members))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+    serde_json::from_str::<Object<'_>>(text).ok().map(|o| o.0)
+}
+
+/// A member's value if it is a string (`Some(Some)`) or null (`Some(None)`); `None` for any
+/// other type.
+pub fn string_or_null(raw: &RawValue) -> Option<Option<Cow<'_, str>>> {
+    serde_json::from_str::<Option<Text<'_>>>(raw.get())
+        .ok()
+        .map(|v| v.map(|t| t.0))
+}
+
+/// Writes `{"k":raw,...}` for the given members, in order.
+pub fn write_object<'a>(out: &mut String, members: impl Iterator<Item = (&'a str, &'a str)>) {
+    use std::fmt::Write;
+    out.push('{');
+    for (i, (key, raw)) in members.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        // Display of a JSON string value is its escaped, quoted form; writing to a String
+        // cannot fail.
+        let _ = write!(out, "{}:{raw}", serde_json::Value::from(key));
+    }
+    out.push('}');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strict_json_refuses_what_python_would_read_differently() {
+        for bad in [
+            "",
+            "not json",
+            "\u{feff}{}",
+            "{} {}",
+            "{}x",
+            "{\"a\":1,}",
+            "[1,]",
+            "{\"a\":1,\"a\":2}",
+            "{\"a\":1,\"\\u0061\":2}",
+            "{\"s\":{\"x\":[{\"k\":1,\"k\":1}]}}",
+            "{\"a\":\"\\ud800\"}",
+            "{\"a\":\"\\udc00x\"}",
+            "{\"\\ud83d\":1}",
+            "{\"a\":\"\u{1}\"}",
+            "/* c */ {}",
+            "{\"a\":1e400}",
+            "{'a':1}",
+            "NaN",
+            &"[".repeat(200),
+            &format!("{}{}", "[".repeat(129), "]".repeat(129)),
+        ] {
+            assert!(validate(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn strict_json_accepts_ordinary_documents() {
+        for good in [
+            "{}",
+            " {\"snapshot\" : {\"name\": null}}\n",
+            "{\"a\":\"\\ud83d\\ude00\",\"b\":[1,2,{\"a\":1}],\"c\":{\"a\":1}}",
+            "{\"a\":\"\\u0000\"}",
+            "12345678901234567890123456789",
+            &format!("{}{}", "[".repeat(100), "]".repeat(100)),
+        ] {
+            assert!(validate(good).is_ok(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn duplicate_errors_say_which_key_and_where() {
+        let err = validate("{\"snapshot\":{\"name\":\"a\",\"name\":\"b\"}}").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("duplicate key \"name\""), "{msg}");
+        assert!(msg.contains("column"), "{msg}");
+    }
+
+    #[test]
+    fn members_keep_order_and_raw_values() {
+        let m = members("{ \"b\" : 1.50 , \"a\":{\"x\": [ 1 ]}, \"\\u0063\":\"v\"}").unwrap();
+        let got: Vec<_> = m.iter().map(|(k, v)| (k.as_ref(), v.get())).collect();
+        assert_eq!(
+            got,
+            [("b", "1.50"), ("a", "{\"x\": [ 1 ]}"), ("c", "\"v\"")]
+        );
+        assert!(members("[1]").is_none());
+        assert!(members("\"x\"").is_none());
+    }
+
+    #[test]
+    fn string_or_null_decodes_escapes_and_refuses_other_types() {
+        let raw = |s: &str| RawValue::from_string(s.to_owned()).unwrap();
+        assert_eq!(
+            string_or_null(&raw("\"\\u00e9\"")).unwrap().as_deref(),
+            Some("é")
+        );
+        assert_eq!(string_or_null(&raw("null")).unwrap(), None);
+        for other in ["5", "true", "[]", "{}", "1.5"] {
+            assert!(string_or_null(&raw(other)).is_none(), "{other}");
+        }
+    }
+
+    #[test]
+    fn write_object_escapes_keys_and_copies_values() {
+        let mut out = String::new();
+        write_object(&mut out, [("a\"b", "1"), ("c", "{\"d\": 2}")].into_iter());
+        assert_eq!(out, "{\"a\\\"b\":1,\"c\":{\"d\": 2}}");
+    }
+}

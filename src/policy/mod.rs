@@ -1,0 +1,468 @@
+//! The naming policy of SPEC section 2, as pure functions on bytes and strings.
+//!
+//! [`check_body`] decides on a whole (already size-bounded) policed body: it returns the body to
+//! forward or the [`Violation`] to report. It knows nothing of hyper or sockets; the proxy and the
+//! offline `snapguard check` both call it, so they cannot disagree.
+
+pub mod json;
+pub mod media;
+
+use std::borrow::Cow;
+
+use http::{header, HeaderMap, HeaderValue};
+use serde::Deserialize;
+
+use crate::config::PolicyConfig;
+use crate::route::Route;
+
+pub use media::{check_content_encoding, check_content_type};
+
+/// Whether violations are refused, or only reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    /// Log and count violations, forward the request unchanged: for rolling a policy out.
+    Audit,
+}
+
+/// What an allowed body becomes on its way upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward the bytes exactly as received.
+    Unchanged,
+    /// Forward this re-serialized body instead (legacy `display_*` fields renamed or dropped).
+    Normalized(Vec<u8>),
+}
+
+/// Why a request is refused. The messages follow Cinder's wording.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    #[error("Request body is larger than {limit} bytes.")]
+    BodyTooLarge { limit: usize },
+    #[error("Unsupported Content-Encoding {0:?}: a policed body must not be encoded.")]
+    ContentEncoding(String),
+    #[error("Unsupported Content-Type {0:?}: a policed body must be JSON in UTF-8.")]
+    ContentType(String),
+    #[error("Malformed request body: {0}.")]
+    Malformed(String),
+    #[error("Missing required element '{0}' in request body.")]
+    MissingRoot(String),
+    #[error(
+        "Invalid input for field/attribute {root}. Value: {raw}. {raw} is not of type 'object'"
+    )]
+    RootNotObject { root: String, raw: String },
+    #[error("Invalid input for field/attribute {field}. Value: {raw}. {raw} is not of type 'string', 'null'")]
+    FieldType { field: String, raw: String },
+    #[error(
+        "Invalid input for field/attribute {field}. Value: {shown}. '{shown}' is too long: {bytes} bytes of UTF-8, at most {max} allowed.",
+        shown = abbreviate(value)
+    )]
+    TooLong {
+        field: String,
+        value: String,
+        bytes: usize,
+        max: usize,
+    },
+    #[error("Invalid input for field/attribute {field}. Value: {value}. Names starting with '{prefix}' are reserved for automatic backup snapshots.")]
+    ReservedPrefix {
+        field: String,
+        value: String,
+        prefix: String,
+    },
+    #[error(
+        "Invalid request path: an encoded '/' or '\\' inside a snapshot route cannot be policed."
+    )]
+    AmbiguousPath,
+}
+
+impl Violation {
+    /// A stable, low-cardinality name for logs and metrics.
+    pub fn rule(&self) -> &'static str {
+        match self {
+            Self::BodyTooLarge { .. } => "max_body_bytes",
+            Self::ContentEncoding(_) => "content_encoding",
+            Self::ContentType(_) => "content_type",
+            Self::Malformed(_) => "malformed_json",
+            Self::MissingRoot(_) | Self::RootNotObject { .. } => "body_root",
+            Self::FieldType { .. } => "field_type",
+            Self::TooLong { .. } => "max_field_bytes",
+            Self::ReservedPrefix { .. } => "reserved_prefix",
+            Self::AmbiguousPath => "ambiguous_path",
+        }
+    }
+
+    /// The body field the violation is about, if any.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Self::FieldType { field, .. }
+            | Self::TooLong { field, .. }
+            | Self::ReservedPrefix { field, .. } => Some(field),
+            Self::MissingRoot(root) | Self::RootNotObject { root, .. } => Some(root),
+            _ => None,
+        }
+    }
+}
+
+/// Long values are echoed in errors only in part: the message stays readable and bounded.
+fn abbreviate(value: &str) -> Cow<'_, str> {
+    const SHOWN: usize = 64;
+    match value.char_indices().nth(SHOWN) {
+        Some((cut, _)) => Cow::Owned(format!("{}...", &value[..cut])),
+        None => Cow::Borrowed(value),
+    }
+}
+
+/// Characters Python's `str.isspace()` holds true, which `str.strip()` removes. Wider than
+/// `char::is_whitespace`: it includes the separators U+001C..U+001F.
+pub fn is_python_space(c: char) -> bool {
+    matches!(
+        c,
+        '\t'..='\r'
+            | '\u{1c}'..='\u{1f}'
+            | ' '
+            | '\u{85}'
+            | '\u{a0}'
+            | '\u{1680}'
+            | '\u{2000}'..='\u{200a}'
+            | '\u{2028}'
+            | '\u{2029}'
+            | '\u{202f}'
+            | '\u{205f}'
+            | '\u{3000}'
+    )
+}
+
+/// The reserved prefix `name` would be stored under, if any. Cinder strips names before storing
+/// them, so leading whitespace does not hide a prefix.
+pub fn reserved_prefix<'p>(
+    name: &str,
+    prefixes: &'p [String],
+    case_insensitive: bool,
+) -> Option<&'p str> {
+    let stored = name.trim_start_matches(is_python_space);
+    prefixes
+        .iter()
+        .find(|p| {
+            if case_insensitive {
+                let mut chars = stored.chars().flat_map(char::to_lowercase);
+                p.chars()
+                    .flat_map(char::to_lowercase)
+                    .all(|c| chars.next() == Some(c))
+            } else {
+                stored.starts_with(p.as_str())
+            }
+        })
+        .map(String::as_str)
+}
+
+/// Checks what can be decided from a policed request's headers alone, before its body is read.
+pub fn check_headers(headers: &HeaderMap) -> Result<(), Violation> {
+    let values = |name| headers.get_all(name).into_iter().map(HeaderValue::as_bytes);
+    check_content_encoding(values(header::CONTENT_ENCODING))?;
+    check_content_type(values(header::CONTENT_TYPE))
+}
+
+/// Whether the request carries a Huawei AK/SK signature (`Authorization: SDK-HMAC-SHA256 ...`),
+/// which covers the body's hash: such a body must reach the upstream byte for byte.
+pub fn is_signed(headers: &HeaderMap) -> bool {
+    const SCHEME: &[u8] = b"SDK-HMAC-SHA256";
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().get(..SCHEME.len()))
+        .is_some_and(|s| s.eq_ignore_ascii_case(SCHEME))
+}
+
+/// Polices a whole body under `route`. With `may_normalize` false (signed requests) an allowed
+/// body is always forwarded unchanged.
+pub fn check_body(
+    route: &Route,
+    policy: &PolicyConfig,
+    body: &[u8],
+    may_normalize: bool,
+) -> Result<Verdict, Violation> {
+    if body.len() > policy.max_body_bytes {
+        return Err(Violation::BodyTooLarge {
+            limit: policy.max_body_bytes,
+        });
+    }
+    let text =
+        std::str::from_utf8(body).map_err(|e| Violation::Malformed(format!("not UTF-8: {e}")))?;
+    json::validate(text).map_err(|e| Violation::Malformed(e.to_string()))?;
+    let root = &route.body_root;
+    let members = json::members(text).ok_or_else(|| Violation::MissingRoot(root.clone()))?;
+    let (_, raw) = members
+        .iter()
+        .find(|(k, _)| k == root)
+        .ok_or_else(|| Violation::MissingRoot(root.clone()))?;
+    let fields = json::members(raw.get()).ok_or_else(|| Violation::RootNotObject {
+        root: root.clone(),
+        raw: raw.get().to_owned(),
+    })?;
+
+    for (key, raw) in &fields {
+        let is_name = route.name_fields.iter().any(|f| f == key);
+        if !is_name && !route.description_fields.iter().any(|f| f == key) {
+            continue;
+        }
+        let value = json::string_or_null(raw).ok_or_else(|| Violation::FieldType {
+            field: key.to_string(),
+            raw: raw.get().to_owned(),
+        })?;
+        let Some(value) = value else { continue };
+        if value.len() > policy.max_field_bytes {
+            return Err(Violation::TooLong {
+                field: key.to_string(),
+                bytes: value.len(),
+                value: value.into_owned(),
+                max: policy.max_field_bytes,
+            });
+        }
+        if is_name {
+            if let Some(prefix) = reserved_prefix(
+                &value,
+                &policy.reserved_prefixes,
+                policy.case_insensitive_prefixes,
+            ) {
+                return Err(Violation::ReservedPrefix {
+                    field: key.to_string(),
+                    value: value.into_owned(),
+                    prefix: prefix.to_owned(),
+                });
+            }
+        }
+    }
+
+    if !may_normalize
+        || !route
+            .renames
+            .iter()
+            .any(|(legacy, _)| fields.iter().any(|(k, _)| k == legacy))
+    {
+        return Ok(Verdict::Unchanged);
+    }
+    Ok(Verdict::Normalized(normalize(route, &members, &fields)))
+}
+
+/// Re-serializes the body with `display_X` renamed to `X` (or dropped when `X` is present too),
+/// every other member in its original order and with its original raw text.
+fn normalize(route: &Route, members: &json::Members<'_>, fields: &json::Members<'_>) -> Vec<u8> {
+    let mut snapshot =
+        String::with_capacity(members.iter().map(|(_, v)| v.get().len()).sum::<usize>() + 16);
+    let kept = fields.iter().filter_map(|(key, raw)| {
+        match route.renames.iter().find(|(legacy, _)| legacy == key) {
+            Some((_, current)) if fields.iter().any(|(k, _)| k == current) => None,
+            Some((_, current)) => Some((current.as_str(), raw.get())),
+            None => Some((key.as_ref(), raw.get())),
+        }
+    });
+    json::write_object(&mut snapshot, kept);
+
+    let mut out = String::with_capacity(snapshot.len() + 32);
+    let root = members.iter().map(|(key, raw)| {
+        let raw = if *key == route.body_root {
+            snapshot.as_str()
+        } else {
+            raw.get()
+        };
+        (key.as_ref(), raw)
+    });
+    json::write_object(&mut out, root);
+    out.into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::default_routes;
+
+    /// `Ok("")` means forwarded unchanged, `Ok(body)` normalized to body, `Err(rule)` refused.
+    fn police(body: &str) -> Result<String, &'static str> {
+        police_with(&PolicyConfig::default(), body, true)
+    }
+
+    fn police_with(
+        policy: &PolicyConfig,
+        body: &str,
+        may_normalize: bool,
+    ) -> Result<String, &'static str> {
+        let route = &default_routes()[0];
+        match check_body(route, policy, body.as_bytes(), may_normalize) {
+            Ok(Verdict::Unchanged) => Ok(String::new()),
+            Ok(Verdict::Normalized(b)) => Ok(String::from_utf8(b).unwrap()),
+            Err(v) => Err(v.rule()),
+        }
+    }
+
+    #[test]
+    fn spec_vectors() {
+        let name = |n: &str| format!("{{\"snapshot\":{{\"name\":\"{n}\"}}}}");
+        let cases: Vec<(String, Result<&str, &str>)> = vec![
+            (r#"{"snapshot":{"name":"snap-001","description":"Daily backup"}}"#.into(), Ok("")),
+            (name("autobk_snapshot_x"), Err("reserved_prefix")),
+            (name("  autobk_snapshot_x"), Err("reserved_prefix")),
+            (name("\\u3000autobk_snapshot_x"), Err("reserved_prefix")),
+            (name("\\u001cautobk_snapshot_x"), Err("reserved_prefix")),
+            (name("\\u0061utobk_snapshot_x"), Err("reserved_prefix")),
+            (r#"{"snapshot":{"display_name":"autobk_snapshot_1"}}"#.into(), Err("reserved_prefix")),
+            (r#"{"snapshot":{"name":"ok","display_name":"autobk_snapshot_1"}}"#.into(), Err("reserved_prefix")),
+            (r#"{"snapshot":{"display_name":"new"}}"#.into(), Ok(r#"{"snapshot":{"name":"new"}}"#)),
+            (r#"{"snapshot":{"name":"a","display_name":"b"}}"#.into(), Ok(r#"{"snapshot":{"name":"a"}}"#)),
+            (name(&"a".repeat(255)), Ok("")),
+            (name(&"a".repeat(256)), Err("max_field_bytes")),
+            (name(&"快".repeat(85)), Ok("")),
+            (name(&"快".repeat(86)), Err("max_field_bytes")),
+            (name(&"é".repeat(128)), Err("max_field_bytes")),
+            (name(&"\\u00e9".repeat(128)), Err("max_field_bytes")),
+            (format!("{{\"snapshot\":{{\"display_description\":\"{}\"}}}}", "d".repeat(256)), Err("max_field_bytes")),
+            (r#"{"snapshot":{"name":null,"description":null}}"#.into(), Ok("")),
+            (r#"{"snapshot":{"name":5}}"#.into(), Err("field_type")),
+            ("not json".into(), Err("malformed_json")),
+            (r#"{"snapshot":{"name":"a","name":"autobk_snapshot_x"}}"#.into(), Err("malformed_json")),
+            (
+                r#"{"snapshot":{"volume_id":"5aa119a8-d25b-45a7-8d1b-88e127885635","force":false,"name":"autobk_snapshot_a","description":null,"metadata":{}}}"#.into(),
+                Err("reserved_prefix"),
+            ),
+        ];
+        for (body, want) in cases {
+            assert_eq!(
+                police(&body).as_deref(),
+                want.map(str::to_owned).as_deref(),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_root_must_hold_a_snapshot_object() {
+        for body in ["{}", "[]", "\"x\"", "null", r#"{"snapshots":{}}"#] {
+            assert_eq!(police(body), Err("body_root"), "{body}");
+        }
+        for body in [
+            r#"{"snapshot":[]}"#,
+            r#"{"snapshot":"x"}"#,
+            r#"{"snapshot":null}"#,
+        ] {
+            assert_eq!(police(body), Err("body_root"), "{body}");
+        }
+    }
+
+    #[test]
+    fn normalization_keeps_order_and_raw_text_of_everything_else() {
+        let body = r#" {"a": 1.50, "snapshot": {"display_description": "d", "force": true, "display_name": "n", "metadata": {"k": [1, 2]}}, "z": 12345678901234567890123} "#;
+        assert_eq!(
+            police(body).unwrap(),
+            r#"{"a":1.50,"snapshot":{"description":"d","force":true,"name":"n","metadata":{"k": [1, 2]}},"z":12345678901234567890123}"#
+        );
+        let both = r#"{"snapshot":{"display_name":"old","name":"new","description":"x","display_description":"y"}}"#;
+        assert_eq!(
+            police(both).unwrap(),
+            r#"{"snapshot":{"name":"new","description":"x"}}"#
+        );
+    }
+
+    #[test]
+    fn signed_bodies_are_policed_but_never_normalized() {
+        let p = PolicyConfig::default();
+        assert_eq!(
+            police_with(&p, r#"{"snapshot":{"display_name":"new"}}"#, false),
+            Ok(String::new())
+        );
+        assert_eq!(
+            police_with(
+                &p,
+                r#"{"snapshot":{"display_name":"autobk_snapshot_1"}}"#,
+                false
+            ),
+            Err("reserved_prefix")
+        );
+    }
+
+    #[test]
+    fn every_python_strip_character_is_removed_before_the_prefix_check() {
+        // The exact set `[c for c in map(chr, range(0x110000)) if c.isspace()]` in CPython 3.11.
+        let python: Vec<u32> = vec![
+            0x9, 0xa, 0xb, 0xc, 0xd, 0x1c, 0x1d, 0x1e, 0x1f, 0x20, 0x85, 0xa0, 0x1680, 0x2000,
+            0x2001, 0x2002, 0x2003, 0x2004, 0x2005, 0x2006, 0x2007, 0x2008, 0x2009, 0x200a, 0x2028,
+            0x2029, 0x202f, 0x205f, 0x3000,
+        ];
+        let ours: Vec<u32> = (0..=0x10ffff_u32)
+            .filter_map(char::from_u32)
+            .filter(|c| is_python_space(*c))
+            .map(u32::from)
+            .collect();
+        assert_eq!(ours, python);
+        for c in python.iter().filter_map(|c| char::from_u32(*c)) {
+            let body = format!(
+                "{{\"snapshot\":{{\"name\":\"\\u{:04x}autobk_snapshot_x\"}}}}",
+                u32::from(c)
+            );
+            assert_eq!(police(&body), Err("reserved_prefix"), "{body}");
+        }
+        // Not stripped by Python, so not stored under the prefix.
+        for c in ["\\u200b", "\\ufeff", "\\u180e", "x"] {
+            let body = format!("{{\"snapshot\":{{\"name\":\"{c}autobk_snapshot_x\"}}}}");
+            assert_eq!(police(&body), Ok(String::new()), "{body}");
+        }
+    }
+
+    #[test]
+    fn prefixes_are_case_sensitive_unless_configured() {
+        let body = r#"{"snapshot":{"name":"AutoBk_Snapshot_x"}}"#;
+        assert_eq!(police(body), Ok(String::new()));
+        let p = PolicyConfig {
+            case_insensitive_prefixes: true,
+            ..PolicyConfig::default()
+        };
+        assert_eq!(police_with(&p, body, true), Err("reserved_prefix"));
+        assert_eq!(
+            police_with(&p, r#"{"snapshot":{"name":"autobk_snap"}}"#, true),
+            Ok(String::new())
+        );
+    }
+
+    #[test]
+    fn description_fields_may_use_the_prefix() {
+        let body =
+            r#"{"snapshot":{"name":"n","description":"autobk_snapshot_ is what backups use"}}"#;
+        assert_eq!(police(body), Ok(String::new()));
+    }
+
+    #[test]
+    fn the_body_limit_is_enforced_on_the_bytes() {
+        let p = PolicyConfig {
+            max_body_bytes: 10,
+            ..PolicyConfig::default()
+        };
+        assert_eq!(
+            police_with(&p, r#"{"snapshot":{}}"#, true),
+            Err("max_body_bytes")
+        );
+    }
+
+    #[test]
+    fn messages_follow_cinder() {
+        let route = &default_routes()[0];
+        let err = check_body(
+            route,
+            &PolicyConfig::default(),
+            br#"{"snapshot":{"name":"autobk_snapshot_x"}}"#,
+            true,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Invalid input for field/attribute name. Value: autobk_snapshot_x. Names starting with 'autobk_snapshot_' are reserved for automatic backup snapshots."
+        );
+        let long = format!(r#"{{"snapshot":{{"description":"{}"}}}}"#, "x".repeat(300));
+        let err = check_body(route, &PolicyConfig::default(), long.as_bytes(), true).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "Invalid input for field/attribute description. Value: {x}.... '{x}...' is too long: 300 bytes of UTF-8, at most 255 allowed.",
+                x = "x".repeat(64)
+            )
+        );
+    }
+}
