@@ -1,0 +1,282 @@
+//! The `snapguard` binary as users' scripts run it: `check`, `check-config`, and the proxy
+//! started from the command line with no config file.
+
+// Tests fail by panicking; the no-unwrap rule is for the request path.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use http::{StatusCode, Version};
+use support::{send, Reply, Upstream};
+
+const BIN: &str = env!("CARGO_BIN_EXE_snapguard");
+
+fn run(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("SNAPGUARD_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn check_refuses_a_reserved_name_with_exit_1_and_shows_the_error() {
+    let o = run(
+        &["check", "PUT", "/v3/p/snapshots/s"],
+        r#"{"snapshot":{"name":"autobk_snapshot_x"}}"#,
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("decision: rejected"), "{out}");
+    assert!(out.contains("rule: reserved_prefix"), "{out}");
+    assert!(out.contains("status: 400"), "{out}");
+    assert!(
+        out.contains(r#"response body: {"badRequest":{"code":400,"message":"Invalid input for field/attribute name. Value: autobk_snapshot_x. Names starting with 'autobk_snapshot_' are reserved for automatic backup snapshots."}}"#),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_shows_the_body_that_would_be_forwarded() {
+    let o = run(
+        &["check", "put", "/v3/p/snapshots/s?x=1"],
+        r#"{"snapshot":{"display_name":"new"}}"#,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("decision: normalized"), "{out}");
+    assert!(
+        out.contains("route: /v3/{project_id}/snapshots/{snapshot_id}"),
+        "{out}"
+    );
+    assert!(
+        out.contains(r#"forwarded body: {"snapshot":{"name":"new"}}"#),
+        "{out}"
+    );
+
+    let o = run(&["check", "GET", "/v3/p/snapshots/s"], "");
+    assert_eq!(o.status.code(), Some(0));
+    assert!(stdout(&o).contains("decision: passthrough"));
+}
+
+#[test]
+fn check_takes_headers_and_the_configured_policy() {
+    let o = run(
+        &[
+            "check",
+            "-H",
+            "Content-Encoding: gzip",
+            "PUT",
+            "/v3/p/snapshots/s",
+        ],
+        r#"{"snapshot":{"name":"a"}}"#,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("status: 415"), "{}", stdout(&o));
+
+    let dir = std::env::temp_dir().join(format!("snapguard-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("strict.toml");
+    std::fs::write(&file, "[policy]\nmax_field_bytes = 3\n").unwrap();
+    let o = run(
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "check",
+            "PUT",
+            "/v3/p/snapshots/s",
+        ],
+        r#"{"snapshot":{"name":"abcd"}}"#,
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("rule: max_field_bytes"),
+        "{}",
+        stdout(&o)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn check_config_accepts_the_shipped_file_and_names_a_bad_key() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/snapguard.toml");
+    let o = run(&["check-config", shipped], "");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+
+    let dir = std::env::temp_dir().join(format!("snapguard-check-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[policy]\nmax_body_bytes = 10\nreserved_prefix = [\"x\"]\n",
+    )
+    .unwrap();
+    let o = run(&["check-config", bad.to_str().unwrap()], "");
+    assert_eq!(o.status.code(), Some(64));
+    let err = stderr(&o);
+    assert!(
+        err.contains("reserved_prefix") && err.contains("line 3"),
+        "{err}"
+    );
+
+    let o = run(
+        &["check-config", dir.join("missing.toml").to_str().unwrap()],
+        "",
+    );
+    assert_eq!(o.status.code(), Some(64));
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let o = run(&["--upstream", "ftp://x", "check", "GET", "/"], "");
+    assert_eq!(
+        o.status.code(),
+        Some(64),
+        "a bad flag is a usage error: {}",
+        stderr(&o)
+    );
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Stops the child on drop, so a failing test leaves no process behind.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_ready(admin: SocketAddr) {
+    for _ in 0..100 {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(admin).await {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = s
+                .write_all(b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                .await;
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out).await;
+            if out.starts_with("HTTP/1.1 200") {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("snapguard did not become ready");
+}
+
+#[tokio::test]
+async fn the_binary_runs_on_flags_alone_and_drains_on_sigterm() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let (listen, admin) = (free_addr(), free_addr());
+    let child = Command::new(BIN)
+        .args([
+            "--listen",
+            &listen.to_string(),
+            "--admin",
+            &admin.to_string(),
+            "--upstream",
+            &upstream.url(),
+        ])
+        .args(["--log-format", "json"])
+        .env_remove("SNAPGUARD_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Running(child);
+    wait_ready(admin).await;
+
+    let url = |p: &str| format!("http://{listen}{p}");
+    let got = send(
+        Version::HTTP_11,
+        "PUT",
+        &url("/v3/p1/snapshots/s1"),
+        &[],
+        r#"{"snapshot":{"name":"autobk_snapshot_x"}}"#,
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::BAD_REQUEST);
+    let got = send(
+        Version::HTTP_11,
+        "PUT",
+        &url("/v3/p1/snapshots/s1"),
+        &[],
+        r#"{"snapshot":{"display_name":"new"}}"#,
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(
+        upstream.only().body,
+        r#"{"snapshot":{"name":"new"}}"#.as_bytes()
+    );
+
+    let pid = child.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::task::spawn_blocking(move || {
+        let status = child.0.wait().unwrap();
+        let mut err = String::new();
+        use std::io::Read;
+        child
+            .0
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (status, err)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.0.code(), Some(0), "{}", status.1);
+    // One JSON access line per request, with the decision.
+    let access: Vec<&str> = status
+        .1
+        .lines()
+        .filter(|l| l.contains("snapguard::access"))
+        .collect();
+    assert_eq!(access.len(), 2, "{}", status.1);
+    assert!(
+        access[0].contains(r#""decision":"rejected""#)
+            && access[0].contains(r#""rule":"reserved_prefix""#),
+        "{}",
+        access[0]
+    );
+    assert!(
+        access[1].contains(r#""decision":"normalized""#),
+        "{}",
+        access[1]
+    );
+}

@@ -1,0 +1,520 @@
+//! Forwarding behaviour of the real proxy: streaming, framing, headers, upstream failures, TLS.
+
+// Tests fail by panicking; the no-unwrap rule is for the request path.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{StatusCode, Version};
+use support::{raw, send, send_body, Proxy, Reply, TestBody, Upstream, FAST_TIMEOUTS, OK_BODY};
+
+const UPDATE: &str = "/v3/p1/snapshots/s1";
+const RESERVED: &str = r#"{"snapshot":{"name":"autobk_snapshot_x"}}"#;
+const MIB: u64 = 1024 * 1024;
+
+#[tokio::test]
+async fn sixty_four_mebibytes_stream_through_in_both_directions() {
+    let upstream = Upstream::start(Reply::Large(64 * MIB)).await;
+    let proxy = Proxy::start(&upstream.url(), "").await;
+    let got = send_body(
+        Version::HTTP_11,
+        "POST",
+        &proxy.url("/v3/p1/volumes/v1/action"),
+        &[("content-type", "application/octet-stream")],
+        TestBody::pattern(64 * MIB),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    support::assert_pattern(&got.body, 64 * MIB);
+    let seen = upstream.only();
+    support::assert_pattern(&seen.body, 64 * MIB);
+    assert_eq!(
+        seen.headers["content-length"],
+        (64 * MIB).to_string().as_str()
+    );
+}
+
+#[tokio::test]
+async fn a_passthrough_body_is_streamed_not_buffered() {
+    // Each chunk is sent only once the upstream has received the previous one: a proxy that
+    // buffered the body whole would never deliver the first, and the test would time out.
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let url = proxy.url("/v3/p1/volumes/v1/action");
+    let request = tokio::spawn(async move {
+        send_body(Version::HTTP_11, "POST", &url, &[], TestBody::Channel(rx)).await
+    });
+    let mut progress = upstream.progress.clone();
+    for i in 1..=8u64 {
+        tx.send(Bytes::from(vec![b'x'; 64 * 1024])).await.unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            progress.wait_for(|n| *n >= i * 64 * 1024),
+        )
+        .await
+        .expect("the upstream must receive each chunk before the body ends")
+        .unwrap();
+    }
+    drop(tx);
+    let got = request.await.unwrap();
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(upstream.only().body.len(), 8 * 64 * 1024);
+}
+
+#[tokio::test]
+async fn a_chunked_policed_body_is_policed_and_reframed() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(&upstream.url(), "").await;
+    let body = r#"{"snapshot":{"name":"snap-001"}}"#;
+    let (a, b) = body.split_at(13);
+    let request = format!(
+        "PUT {UPDATE} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+        a.len(),
+        b.len()
+    );
+    let response = raw(proxy.addr, request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let seen = upstream.only();
+    assert_eq!(seen.body, body.as_bytes());
+    assert_eq!(
+        seen.headers["content-length"],
+        body.len().to_string().as_str()
+    );
+    assert!(!seen.headers.contains_key("transfer-encoding"));
+
+    // The same framing with a reserved name never reaches the upstream.
+    let (a, b) = RESERVED.split_at(20);
+    let request = format!(
+        "PUT {UPDATE} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{:x}\r\n{a}\r\n{:x}\r\n{b}\r\n0\r\n\r\n",
+        a.len(),
+        b.len()
+    );
+    let response = raw(proxy.addr, request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn an_oversized_chunked_body_is_refused_and_the_connection_closed() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(&upstream.url(), "").await;
+    let chunk = "a".repeat(40_000);
+    let request = format!(
+        "PUT {UPDATE} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{n:x}\r\n{chunk}\r\n{n:x}\r\n{chunk}\r\n0\r\n\r\n",
+        n = chunk.len()
+    );
+    // No Connection: close from us: the proxy must close by itself after a 413.
+    let response = raw(proxy.addr, request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 413"), "{response:.200}");
+    assert!(
+        response.to_ascii_lowercase().contains("connection: close"),
+        "{response:.300}"
+    );
+    assert!(response.contains("overLimit"));
+    assert!(upstream.seen().is_empty());
+}
+
+#[tokio::test]
+async fn content_length_zero_is_preserved() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(&upstream.url(), "").await;
+    let request = "POST /v3/p1/volumes/v1/action HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let response = raw(proxy.addr, request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let seen = upstream.only();
+    assert_eq!(seen.headers["content-length"], "0");
+    assert!(seen.body.is_empty());
+
+    // An empty policed body is not JSON, and is refused.
+    let request = format!(
+        "PUT {UPDATE} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let response = raw(proxy.addr, request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_removed_both_ways() {
+    let upstream = Upstream::start(Reply::WithHeaders(vec![
+        ("connection", "x-upstream-hop"),
+        ("x-upstream-hop", "1"),
+        ("keep-alive", "timeout=5"),
+        ("x-end-to-end", "kept"),
+    ]))
+    .await;
+    let proxy = Proxy::start(&upstream.url(), "").await;
+    let request = "GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\nConnection: X-Secret, close\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nUpgrade: websocket\r\nX-Kept: yes\r\n\r\n";
+    let response = raw(proxy.addr, request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let seen = upstream.only();
+    for gone in [
+        "x-secret",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+    ] {
+        assert!(
+            !seen.headers.contains_key(gone),
+            "{gone} reached the upstream: {:?}",
+            seen.headers
+        );
+    }
+    assert_eq!(seen.headers["x-kept"], "yes");
+    let lower = response.to_ascii_lowercase();
+    assert!(!lower.contains("x-upstream-hop"), "{response}");
+    assert!(!lower.contains("keep-alive"), "{response}");
+    assert!(lower.contains("x-end-to-end: kept"), "{response}");
+}
+
+#[tokio::test]
+async fn h2c_requests_are_policed_like_http1() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(&upstream.url(), "").await;
+    let got = send(Version::HTTP_2, "PUT", &proxy.url(UPDATE), &[], RESERVED).await;
+    assert_eq!(got.status, StatusCode::BAD_REQUEST);
+    assert_eq!(got.json()["badRequest"]["code"], 400);
+    assert!(upstream.seen().is_empty());
+
+    let got = send(
+        Version::HTTP_2,
+        "PUT",
+        &proxy.url(UPDATE),
+        &[],
+        r#"{"snapshot":{"display_name":"new"}}"#,
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.body, OK_BODY);
+    let seen = upstream.only();
+    assert_eq!(seen.body, r#"{"snapshot":{"name":"new"}}"#.as_bytes());
+    assert_eq!(seen.version, Version::HTTP_11);
+    assert_eq!(seen.target, UPDATE);
+}
+
+#[tokio::test]
+async fn an_upstream_that_is_down_gives_502_in_the_route_style() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = Proxy::start(&format!("http://{closed}"), FAST_TIMEOUTS).await;
+    let got = send(
+        Version::HTTP_11,
+        "PUT",
+        &proxy.url(UPDATE),
+        &[],
+        r#"{"snapshot":{"name":"ok"}}"#,
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(got.json()["computeFault"]["code"], 502);
+    assert!(got.headers.contains_key("x-request-id"));
+
+    let got = send(
+        Version::HTTP_11,
+        "GET",
+        &proxy.url("/v3/p1/volumes"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(
+        got.status,
+        StatusCode::BAD_GATEWAY,
+        "passthrough requests fail in openstack style"
+    );
+    assert_eq!(got.json()["computeFault"]["code"], 502);
+
+    let got = send(
+        Version::HTTP_11,
+        "PUT",
+        &proxy.url("/v5/p1/snapshots/s1"),
+        &[],
+        r#"{"snapshot":{"name":"ok"}}"#,
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(got.json()["error"]["code"], "EVS.5502");
+}
+
+#[tokio::test]
+async fn a_silent_upstream_gives_504() {
+    let upstream = Upstream::start(Reply::Silent).await;
+    let proxy = Proxy::start(&upstream.url(), FAST_TIMEOUTS).await;
+    let got = send(
+        Version::HTTP_11,
+        "PUT",
+        &proxy.url(UPDATE),
+        &[],
+        r#"{"snapshot":{"name":"ok"}}"#,
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(got.json()["computeFault"]["code"], 504);
+    assert_eq!(
+        upstream.seen().len(),
+        1,
+        "the request did reach the upstream"
+    );
+}
+
+#[tokio::test]
+async fn a_trickled_policed_body_times_out_with_408() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(&upstream.url(), FAST_TIMEOUTS).await;
+    // Content-Length promises more than is ever sent.
+    let request =
+        format!("PUT {UPDATE} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{\"snapshot\":");
+    let response = raw(proxy.addr, request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(upstream.seen().is_empty());
+}
+
+#[tokio::test]
+async fn host_and_forwarded_headers_are_set_for_the_upstream() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(&upstream.url(), "").await;
+    let got = send(
+        Version::HTTP_11,
+        "GET",
+        &proxy.url("/v3/p1/volumes"),
+        &[("x-forwarded-for", "10.0.0.1")],
+        "",
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    let seen = upstream.only();
+    assert_eq!(seen.headers["host"], upstream.addr.to_string().as_str());
+    assert_eq!(seen.headers["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "http");
+    assert_eq!(
+        seen.headers["x-forwarded-host"],
+        proxy.addr.to_string().as_str()
+    );
+
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(
+        &upstream.url(),
+        "[upstream]\npreserve_host = true\n[forwarding]\nx_forwarded = false\n",
+    )
+    .await;
+    send(
+        Version::HTTP_11,
+        "GET",
+        &proxy.url("/v3/p1/volumes"),
+        &[],
+        "",
+    )
+    .await;
+    let seen = upstream.only();
+    assert_eq!(seen.headers["host"], proxy.addr.to_string().as_str());
+    assert!(!seen.headers.contains_key("x-forwarded-for"));
+}
+
+#[tokio::test]
+async fn request_ids_travel_both_ways() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(&upstream.url(), "").await;
+    let got = send(
+        Version::HTTP_11,
+        "GET",
+        &proxy.url("/v3/p1/volumes"),
+        &[("x-request-id", "trace-42")],
+        "",
+    )
+    .await;
+    assert_eq!(got.headers["x-request-id"], "trace-42");
+    assert_eq!(upstream.only().headers["x-request-id"], "trace-42");
+
+    let got = send(
+        Version::HTTP_11,
+        "GET",
+        &proxy.url("/v3/p1/volumes"),
+        &[],
+        "",
+    )
+    .await;
+    let made = got.headers["x-request-id"].clone();
+    assert!(made.to_str().unwrap().starts_with("req-"));
+    assert_eq!(upstream.seen()[1].headers["x-request-id"], made);
+
+    let got = send(
+        Version::HTTP_11,
+        "PUT",
+        &proxy.url(UPDATE),
+        &[("x-request-id", "trace-43")],
+        RESERVED,
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::BAD_REQUEST);
+    assert_eq!(got.headers["x-request-id"], "trace-43");
+}
+
+#[tokio::test]
+async fn signed_requests_are_policed_but_forwarded_byte_for_byte() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(&upstream.url(), "").await;
+    let auth = (
+        "authorization",
+        "SDK-HMAC-SHA256 Access=AK, SignedHeaders=content-type;host;x-sdk-date, Signature=abc",
+    );
+    let body = r#"{"snapshot": {"display_name": "new"}}"#;
+    let got = send(
+        Version::HTTP_11,
+        "PUT",
+        &proxy.url(UPDATE),
+        &[auth, ("content-type", "application/json")],
+        body,
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(
+        upstream.only().body,
+        body.as_bytes(),
+        "a signed body is never normalized"
+    );
+
+    let got = send(
+        Version::HTTP_11,
+        "PUT",
+        &proxy.url(UPDATE),
+        &[auth],
+        r#"{"snapshot":{"display_name":"autobk_snapshot_1"}}"#,
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::BAD_REQUEST);
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn audit_mode_forwards_violations_unchanged() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(
+        &upstream.url(),
+        "[policy]\nmode = \"audit\"\nmax_body_bytes = 100\n",
+    )
+    .await;
+    let got = send(Version::HTTP_11, "PUT", &proxy.url(UPDATE), &[], RESERVED).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(upstream.only().body, RESERVED.as_bytes());
+
+    // Over the body limit, without a Content-Length: the part read and the rest both arrive.
+    let big = format!(r#"{{"snapshot":{{"name":"{}"}}}}"#, "a".repeat(5000));
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let chunks: Vec<Bytes> = big
+        .as_bytes()
+        .chunks(64)
+        .map(Bytes::copy_from_slice)
+        .collect();
+    tokio::spawn(async move {
+        for chunk in chunks {
+            if tx.send(chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    let got = send_body(
+        Version::HTTP_11,
+        "PUT",
+        &proxy.url(UPDATE),
+        &[],
+        TestBody::Channel(rx),
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].body, big.as_bytes());
+    assert!(
+        !seen[1].headers.contains_key("content-length"),
+        "streamed on, not re-framed"
+    );
+}
+
+#[tokio::test]
+async fn an_encoded_slash_in_a_snapshot_route_is_refused() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(&upstream.url(), "").await;
+    let got = send(
+        Version::HTTP_11,
+        "PUT",
+        &proxy.url("/v3/p1%2Fsnapshots/s1"),
+        &[],
+        r#"{"snapshot":{"name":"ok"}}"#,
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::BAD_REQUEST);
+    assert!(upstream.seen().is_empty());
+}
+
+#[tokio::test]
+async fn an_https_upstream_is_verified_against_the_configured_ca() {
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let key = tokio_rustls::rustls::pki_types::PrivateKeyDer::Pkcs8(
+        cert.signing_key.serialize_der().into(),
+    );
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let tls = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key)
+        .unwrap();
+    let upstream = Upstream::start_with(
+        Reply::Ok,
+        Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls))),
+    )
+    .await;
+    let url = format!("https://{}", upstream.addr);
+
+    let ca = std::env::temp_dir().join(format!("snapguard-test-ca-{}.pem", upstream.addr.port()));
+    std::fs::write(&ca, cert.cert.pem()).unwrap();
+    let proxy = Proxy::start(
+        &url,
+        &format!(
+            "[upstream]\nurl = \"{url}\"\nca_file = {:?}\n",
+            ca.display().to_string()
+        ),
+    )
+    .await;
+    let got = send(
+        Version::HTTP_11,
+        "PUT",
+        &proxy.url(UPDATE),
+        &[],
+        r#"{"snapshot":{"display_name":"new"}}"#,
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK, "{:?}", got.body);
+    assert_eq!(
+        upstream.only().body,
+        r#"{"snapshot":{"name":"new"}}"#.as_bytes()
+    );
+    std::fs::remove_file(&ca).unwrap();
+
+    // Without the CA the certificate is not trusted: 502, and nothing is sent.
+    let mut config = snapguard::Config::default();
+    config.upstream.url = url.parse().unwrap();
+    let proxy = match snapguard::Server::bind(config.clone()).await {
+        // On a machine without system roots, refusing to start is the same verdict.
+        Err(e) => return assert!(e.to_string().contains("root"), "{e}"),
+        Ok(_) => Proxy::start_config(config).await,
+    };
+    let got = send(
+        Version::HTTP_11,
+        "GET",
+        &proxy.url("/v3/p1/volumes"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(upstream.seen().len(), 1);
+}

@@ -1,0 +1,366 @@
+//! Test support: a recording upstream on 127.0.0.1:0, snapguard started in-process in front of
+//! it, and real HTTP clients (hyper's, and raw sockets where exact bytes matter).
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use snapguard::{Config, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+
+/// One request as the upstream received it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    /// Path and query exactly as on the wire.
+    pub target: String,
+    pub version: Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// How the upstream answers.
+#[derive(Debug, Clone)]
+pub enum Reply {
+    /// 200 with a small JSON body.
+    Ok,
+    /// Cinder's 404 for a missing snapshot.
+    NotFound,
+    /// Reads the request, then never answers.
+    Silent,
+    /// 200 with `n` bytes of [`pattern`], streamed.
+    Large(u64),
+    /// 200 after the given delay.
+    Slow(Duration),
+    /// 200 with these extra response headers.
+    WithHeaders(Vec<(&'static str, &'static str)>),
+}
+
+pub const OK_BODY: &str = r#"{"snapshot":{"id":"s1","status":"available"}}"#;
+pub const NOT_FOUND_BODY: &str =
+    r#"{"itemNotFound":{"code":404,"message":"Snapshot s1 could not be found."}}"#;
+
+/// A recording upstream server.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    /// Body bytes received so far, over all requests, as they arrive.
+    pub progress: watch::Receiver<u64>,
+}
+
+impl Upstream {
+    pub async fn start(reply: Reply) -> Self {
+        Self::start_with(reply, None).await
+    }
+
+    /// An upstream speaking TLS with `tls`, when given.
+    pub async fn start_with(reply: Reply, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (progress_tx, progress) = watch::channel(0u64);
+        let progress_tx = Arc::new(progress_tx);
+        let record = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (record, reply, progress_tx, tls) = (
+                    record.clone(),
+                    reply.clone(),
+                    progress_tx.clone(),
+                    tls.clone(),
+                );
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        handle(req, record.clone(), reply.clone(), progress_tx.clone())
+                    });
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let _ = match tls {
+                        Some(tls) => {
+                            let Ok(stream) = tls.accept(stream).await else {
+                                return;
+                            };
+                            builder.serve_connection(TokioIo::new(stream), svc).await
+                        }
+                        None => builder.serve_connection(TokioIo::new(stream), svc).await,
+                    };
+                });
+            }
+        });
+        Self {
+            addr,
+            seen,
+            progress,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// The one request the upstream received; panics if it saw another number.
+    pub fn only(&self) -> Seen {
+        let seen = self.seen();
+        assert_eq!(
+            seen.len(),
+            1,
+            "upstream saw {} requests: {seen:#?}",
+            seen.len()
+        );
+        seen.into_iter().next().unwrap()
+    }
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    record: Arc<Mutex<Vec<Seen>>>,
+    reply: Reply,
+    progress: Arc<watch::Sender<u64>>,
+) -> Result<Response<TestBody>, Infallible> {
+    let (parts, mut body) = req.into_parts();
+    let mut bytes = Vec::new();
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data() {
+            bytes.extend_from_slice(&data);
+            progress.send_modify(|n| *n += data.len() as u64);
+        }
+    }
+    record.lock().unwrap().push(Seen {
+        method: parts.method.to_string(),
+        target: parts
+            .uri
+            .path_and_query()
+            .map(|pq| pq.to_string())
+            .unwrap_or_default(),
+        version: parts.version,
+        headers: parts.headers,
+        body: Bytes::from(bytes),
+    });
+    let response = match reply {
+        Reply::Ok => json(StatusCode::OK, OK_BODY),
+        Reply::NotFound => json(StatusCode::NOT_FOUND, NOT_FOUND_BODY),
+        Reply::Silent => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            json(StatusCode::OK, OK_BODY)
+        }
+        Reply::Large(n) => Response::new(TestBody::pattern(n)),
+        Reply::Slow(delay) => {
+            tokio::time::sleep(delay).await;
+            json(StatusCode::OK, OK_BODY)
+        }
+        Reply::WithHeaders(headers) => {
+            let mut r = json(StatusCode::OK, OK_BODY);
+            for (k, v) in headers {
+                r.headers_mut().append(k, v.parse().unwrap());
+            }
+            r
+        }
+    };
+    Ok(response)
+}
+
+fn json(status: StatusCode, body: &'static str) -> Response<TestBody> {
+    let mut r = Response::new(TestBody::full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r
+}
+
+/// The byte at offset `i` of a patterned body: cheap to make and to check, and not periodic in
+/// any power of two, so a dropped or repeated chunk shows.
+pub fn pattern_byte(i: u64) -> u8 {
+    ((i.wrapping_mul(31).wrapping_add(i / 251)) % 251) as u8
+}
+
+/// Checks `body` is exactly `n` bytes of the pattern.
+pub fn assert_pattern(body: &[u8], n: u64) {
+    assert_eq!(body.len() as u64, n, "length");
+    if let Some(i) = (0..n).find(|&i| body[i as usize] != pattern_byte(i)) {
+        panic!("pattern differs at byte {i}");
+    }
+}
+
+/// A body for tests: fixed bytes, a generated pattern, or chunks fed through a channel.
+pub enum TestBody {
+    Full(Option<Bytes>),
+    Pattern { sent: u64, total: u64 },
+    Channel(tokio::sync::mpsc::Receiver<Bytes>),
+}
+
+impl TestBody {
+    pub fn full(b: impl Into<Bytes>) -> Self {
+        Self::Full(Some(b.into()))
+    }
+    pub fn pattern(total: u64) -> Self {
+        Self::Pattern { sent: 0, total }
+    }
+}
+
+impl Body for TestBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            TestBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            TestBody::Pattern { sent, total } => {
+                if *sent >= *total {
+                    return Poll::Ready(None);
+                }
+                let n = (*total - *sent).min(64 * 1024);
+                let chunk: Vec<u8> = (*sent..*sent + n).map(pattern_byte).collect();
+                *sent += n;
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
+            }
+            TestBody::Channel(rx) => rx.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            TestBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            TestBody::Pattern { sent, total } => SizeHint::with_exact(total - sent),
+            TestBody::Channel(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// snapguard running in-process on 127.0.0.1:0.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Starts snapguard with `toml` (the upstream and listeners are filled in) in front of `upstream`.
+    pub async fn start(upstream: &str, toml: &str) -> Self {
+        let mut config = Config::from_toml(toml).expect("test config");
+        config.upstream.url = upstream.parse().unwrap();
+        Self::start_config(config).await
+    }
+
+    pub async fn start_config(mut config: Config) -> Self {
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.admin = "127.0.0.1:0".parse().unwrap();
+        let server = Server::bind(config).await.expect("bind");
+        let (addr, admin) = (server.local_addr(), server.admin_addr());
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            addr,
+            admin,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Signals shutdown and waits for the drain to end.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// Sends one request with hyper's HTTP/1.1 client (or HTTP/2 prior knowledge).
+pub async fn send(
+    version: Version,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Got {
+    send_body(version, method, url, headers, TestBody::full(body)).await
+}
+
+pub async fn send_body(
+    version: Version,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: TestBody,
+) -> Got {
+    let mut builder = Client::builder(TokioExecutor::new());
+    if version == Version::HTTP_2 {
+        builder.http2_only(true);
+    }
+    let client: Client<HttpConnector, TestBody> = builder.build(HttpConnector::new());
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let response = client
+        .request(req.body(body).unwrap())
+        .await
+        .expect("request");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("response body").to_bytes();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Writes `raw` on a fresh connection and reads until the peer closes or `wait` passes.
+pub async fn raw(addr: SocketAddr, raw: &[u8], wait: Duration) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The default config with tighter timeouts, for tests that wait on them.
+pub const FAST_TIMEOUTS: &str = "[timeouts]\nupstream_response = \"500ms\"\nupstream_connect = \"500ms\"\nrequest_body = \"500ms\"\nshutdown_grace = \"5s\"\n";
