@@ -14,7 +14,7 @@ use http::header::{self, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 
 use crate::body::ProxyBody;
 use crate::config::Config;
@@ -303,6 +303,15 @@ impl Proxy {
         // hyper already answered any `Expect: 100-continue` downstream when the body was polled;
         // the client sends the body at once, so the expectation must not travel further.
         parts.headers.remove(header::EXPECT);
+        // hyper's client sends a GET or HEAD body of unknown length as no body at all unless
+        // the request says it is chunked; passthrough means the body arrives whatever the method.
+        if body.size_hint().exact().is_none() && !parts.headers.contains_key(header::CONTENT_LENGTH)
+        {
+            parts.headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
         let host = match (&downstream_host, upstream.preserve_host) {
             (Some(host), true) => host.clone(),
             _ => self.upstream_host.clone(),

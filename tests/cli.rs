@@ -7,12 +7,11 @@
 mod support;
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use http::{StatusCode, Version};
-use support::{send, Reply, Upstream};
+use support::{free_addr, send, wait_ready, Reply, Upstream};
 
 const BIN: &str = env!("CARGO_BIN_EXE_snapguard");
 
@@ -158,13 +157,6 @@ fn check_config_accepts_the_shipped_file_and_names_a_bad_key() {
     );
 }
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// Stops the child on drop, so a failing test leaves no process behind.
 struct Running(Child);
 
@@ -173,24 +165,6 @@ impl Drop for Running {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-async fn wait_ready(admin: SocketAddr) {
-    for _ in 0..100 {
-        if let Ok(mut s) = tokio::net::TcpStream::connect(admin).await {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let _ = s
-                .write_all(b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-                .await;
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out).await;
-            if out.starts_with("HTTP/1.1 200") {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("snapguard did not become ready");
 }
 
 #[tokio::test]

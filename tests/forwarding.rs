@@ -120,6 +120,16 @@ async fn an_oversized_chunked_body_is_refused_and_the_connection_closed() {
 }
 
 #[tokio::test]
+async fn a_chunked_get_body_is_passed_through() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(&upstream.url(), "").await;
+    let request = "GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
+    let response = raw(proxy.addr, request.as_bytes(), Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert_eq!(upstream.only().body, "abcde");
+}
+
+#[tokio::test]
 async fn content_length_zero_is_preserved() {
     let upstream = Upstream::start(Reply::Ok).await;
     let proxy = Proxy::start(&upstream.url(), "").await;

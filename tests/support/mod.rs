@@ -5,6 +5,8 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::process::{Child, Command};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -250,22 +252,30 @@ impl Body for TestBody {
     }
 }
 
-/// snapguard running in-process on 127.0.0.1:0.
+/// snapguard on loopback: in-process by default, or the binary named by `SNAPGUARD_BIN` (for
+/// example `SNAPGUARD_BIN=target/release/snapguard cargo test --release`), so the same tests
+/// hold against a release build.
 pub struct Proxy {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    child: Option<Child>,
 }
 
 impl Proxy {
-    /// Starts snapguard with `toml` (the upstream and listeners are filled in) in front of `upstream`.
+    /// Starts snapguard with `toml` in front of `upstream` (which overrides any url in `toml`).
     pub async fn start(upstream: &str, toml: &str) -> Self {
+        if let Ok(bin) = std::env::var("SNAPGUARD_BIN") {
+            return Self::spawn(&bin, upstream, toml).await;
+        }
         let mut config = Config::from_toml(toml).expect("test config");
         config.upstream.url = upstream.parse().unwrap();
+        config.validate().expect("test config");
         Self::start_config(config).await
     }
 
+    /// Starts snapguard in-process with `config`, on ports chosen by the kernel.
     pub async fn start_config(mut config: Config) -> Self {
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.admin = "127.0.0.1:0".parse().unwrap();
@@ -280,10 +290,46 @@ impl Proxy {
             admin,
             stop: Some(stop),
             task: Some(task),
+            child: None,
         }
     }
 
-    /// Signals shutdown and waits for the drain to end.
+    async fn spawn(bin: &str, upstream: &str, toml: &str) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let file = std::env::temp_dir().join(format!(
+            "snapguard-test-{}-{}.toml",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&file, toml).unwrap();
+        let (addr, admin) = (free_addr(), free_addr());
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(&file)
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--admin",
+                &admin.to_string(),
+                "--upstream",
+                upstream,
+            ])
+            .env("RUST_LOG", "error")
+            .spawn()
+            .expect("spawn SNAPGUARD_BIN");
+        let proxy = Self {
+            addr,
+            admin,
+            stop: None,
+            task: None,
+            child: Some(child),
+        };
+        wait_ready(admin).await;
+        let _ = std::fs::remove_file(&file);
+        proxy
+    }
+
+    /// Signals shutdown (SIGTERM for a spawned binary) and waits for the drain to end.
     pub async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -291,11 +337,58 @@ impl Proxy {
         if let Some(task) = self.task.take() {
             task.await.unwrap();
         }
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id().to_string();
+            assert!(Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success());
+            let status = tokio::task::spawn_blocking(move || child.wait())
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(status.success(), "snapguard exited with {status}");
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A loopback address that was free a moment ago.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Waits until the admin endpoint says ready.
+pub async fn wait_ready(admin: SocketAddr) {
+    for _ in 0..200 {
+        let response = raw(
+            admin,
+            b"GET /readyz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(1),
+        )
+        .await;
+        if response.starts_with("HTTP/1.1 200") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("snapguard at {admin} did not become ready");
 }
 
 /// A response, read whole.
@@ -355,8 +448,12 @@ pub async fn send_body(
 
 /// Writes `raw` on a fresh connection and reads until the peer closes or `wait` passes.
 pub async fn raw(addr: SocketAddr, raw: &[u8], wait: Duration) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(raw).await.unwrap();
+    let Ok(mut stream) = TcpStream::connect(addr).await else {
+        return String::new();
+    };
+    if stream.write_all(raw).await.is_err() {
+        return String::new();
+    }
     let mut out = Vec::new();
     let _ = tokio::time::timeout(wait, stream.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
