@@ -366,10 +366,25 @@ impl Route {
             return None;
         }
         let mut project_id = None;
-        for (template, actual) in self.segments.iter().zip(segments) {
+        let last = self.segments.len().saturating_sub(1);
+        for (i, (template, actual)) in self.segments.iter().zip(segments).enumerate() {
             match template {
-                Segment::Literal(lit) if !lit.eq_ignore_ascii_case(actual) => return None,
-                Segment::Literal(_) => {}
+                Segment::Literal(lit) => {
+                    // Routes (Cinder's router) also accepts a `.json`-style format suffix on the
+                    // last segment: `POST /v3/p1/snapshots.json` creates a snapshot.
+                    let without_format = || {
+                        actual
+                            .iter()
+                            .rposition(|b| *b == b'.')
+                            .map(|dot| &actual[..dot])
+                    };
+                    let fits = lit.eq_ignore_ascii_case(actual)
+                        || (i == last
+                            && without_format().is_some_and(|a| lit.eq_ignore_ascii_case(a)));
+                    if !fits {
+                        return None;
+                    }
+                }
                 Segment::Param(name) if name == "project_id" => {
                     project_id = Some(String::from_utf8_lossy(actual).into_owned());
                 }
@@ -468,6 +483,8 @@ mod tests {
             ("POST", "/v3/p1/snapshots/s1/action"),
             ("PUT", "/v4/p1/snapshots/s1"),
             ("PUT", "/v3/p1/snapshotsx/s1"),
+            ("PUT", "/v3/p1/snapshots.json/s1"),
+            ("POST", "/v3/p1/snapshotsjson"),
             ("OPTIONS", "*"),
         ] {
             assert_eq!(class_of(method, path, &[]), None, "{method} {path}");
@@ -478,6 +495,22 @@ mod tests {
     fn every_default_route_matches_its_own_spelling() {
         for (method, path, want) in [
             ("POST", "/v3/p1/snapshots", "/v3/{project_id}/snapshots"),
+            (
+                "POST",
+                "/v3/p1/snapshots.json",
+                "/v3/{project_id}/snapshots",
+            ),
+            ("POST", "/v3/p1/Snapshots.xml", "/v3/{project_id}/snapshots"),
+            (
+                "POST",
+                "/v3/p1/manageable_snapshots.json",
+                "/v3/{project_id}/manageable_snapshots",
+            ),
+            (
+                "PUT",
+                "/v3/p1/snapshots/s1.json",
+                "/v3/{project_id}/snapshots/{snapshot_id}",
+            ),
             ("POST", "/v2/p1/snapshots", "/v2/{project_id}/snapshots"),
             (
                 "PUT",
