@@ -3,32 +3,48 @@
 //! A buffered prefix followed by a stream: a passthrough body is a stream alone, a policed or
 //! error body is a prefix alone, and an oversized body forwarded in audit mode is both (the part
 //! read while policing, then the rest). One concrete type keeps the upstream client monomorphic
-//! without boxing every body.
+//! without boxing every body. It also counts the bytes it carries for the access record.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use crate::access::Exchange;
+
 #[derive(Debug, Default)]
 pub struct ProxyBody {
     prefix: Option<Bytes>,
     rest: Option<Incoming>,
+    tally: Tally,
+}
+
+/// Where the bytes a body carries are counted.
+#[derive(Debug, Default)]
+enum Tally {
+    #[default]
+    None,
+    /// A request body: its bytes, shared with the exchange's record.
+    Request(Arc<AtomicU64>),
+    /// A response body: it owns the record, which is written when the body is dropped.
+    Response(Box<Exchange>),
 }
 
 impl ProxyBody {
     pub fn full(bytes: Bytes) -> Self {
         Self {
             prefix: Some(bytes),
-            rest: None,
+            ..Self::default()
         }
     }
 
     pub fn stream(body: Incoming) -> Self {
         Self {
-            prefix: None,
             rest: Some(body),
+            ..Self::default()
         }
     }
 
@@ -36,11 +52,34 @@ impl ProxyBody {
         Self {
             prefix: Some(prefix),
             rest: Some(rest),
+            ..Self::default()
         }
+    }
+
+    /// Counts the streamed part of a request body into `counter`.
+    pub fn counting_into(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.tally = Tally::Request(counter);
+        self
+    }
+
+    /// Attaches the exchange's record, written when this response body is dropped.
+    pub fn finishing(mut self, exchange: Box<Exchange>) -> Self {
+        self.tally = Tally::Response(exchange);
+        self
     }
 
     fn prefix_len(&self) -> u64 {
         self.prefix.as_ref().map_or(0, |p| p.len() as u64)
+    }
+
+    fn count(&mut self, n: usize) {
+        match &mut self.tally {
+            Tally::None => {}
+            Tally::Request(counter) => {
+                counter.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Tally::Response(exchange) => exchange.bytes_out += n as u64,
+        }
     }
 }
 
@@ -54,12 +93,22 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         if let Some(prefix) = this.prefix.take().filter(|p| !p.is_empty()) {
+            // A request prefix was counted by whoever read it; a response prefix is sent here.
+            if let Tally::Response(exchange) = &mut this.tally {
+                exchange.bytes_out += prefix.len() as u64;
+            }
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
         }
-        match &mut this.rest {
-            Some(rest) => Pin::new(rest).poll_frame(cx),
-            None => Poll::Ready(None),
+        let Some(rest) = &mut this.rest else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(rest).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.count(data.len());
+            }
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -36,7 +36,7 @@ impl Report<'_> {
         let _ = writeln!(
             out,
             "route: {}",
-            self.route.map_or("none", |r| r.template.as_str())
+            self.route.map_or("none", |r| &*r.template)
         );
         if let Some(v) = &self.violation {
             let _ = writeln!(out, "rule: {}", v.rule());

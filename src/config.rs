@@ -229,10 +229,22 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     pub format: LogFormat,
+    /// A `RUST_LOG`-style filter, e.g. "info" or "info,snapguard::access=warn". `RUST_LOG`, when
+    /// set, takes precedence. Reloaded on SIGHUP.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
 }
 
 /// How errors are rendered. Only the huawei style has tunable codes; openstack names are Cinder's.
@@ -315,6 +327,12 @@ impl Config {
         }
         if self.upstream.ca_file.is_some() && self.upstream.url.scheme != http::uri::Scheme::HTTPS {
             return invalid("upstream.ca_file", "is only used with an https:// upstream");
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return invalid(
+                "log.level",
+                &format!("{:?} is not a log filter: {e}", self.log.level),
+            );
         }
         if self.listen == self.admin {
             return invalid("admin", "must differ from listen");

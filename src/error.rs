@@ -62,9 +62,9 @@ impl Error {
             Self::BodyRead(_) => "body_read",
             Self::BadTarget(_) => "bad_target",
             Self::Method(_) => "method",
-            Self::UpstreamConnect(_) => "upstream_connect",
-            Self::Upstream(_) => "upstream_reset",
-            Self::UpstreamTimeout(_) => "upstream_timeout",
+            Self::UpstreamConnect(_) => "connect",
+            Self::Upstream(_) => "reset",
+            Self::UpstreamTimeout(_) => "timeout",
         }
     }
 

@@ -5,12 +5,14 @@
 //! policed, has [`policy`] decide on its body, and forwards it with the [`upstream`] client;
 //! every failure leaves through [`error`].
 
+pub mod access;
 pub mod admin;
 pub mod body;
 pub mod check;
 pub mod config;
 pub mod error;
 pub mod headers;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod route;

@@ -7,15 +7,18 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
-use snapguard::config::{Config, LogFormat, UpstreamUrl};
+use snapguard::config::{Config, LogConfig, LogFormat, UpstreamUrl};
+use snapguard::server::Handle;
 use snapguard::{check, server, Server};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
 
 /// EX_USAGE from sysexits.h: the configuration (or the command line) is wrong.
 const EXIT_CONFIG: u8 = 64;
 
 /// A reverse proxy that polices snapshot naming in front of a Cinder v3 / EVS API.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "snapguard", version, about)]
 struct Cli {
     /// TOML config file; without one, built-in defaults are used.
@@ -37,7 +40,7 @@ struct Cli {
     command: Option<Command>,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 enum Command {
     /// Validate a config file: exit 0 when valid, 64 with the reason when not.
     CheckConfig {
@@ -119,7 +122,7 @@ fn run_proxy(cli: &Cli) -> ExitCode {
         Ok(config) => config,
         Err(e) => return config_error(&e),
     };
-    init_tracing(config.log.format);
+    let filter = init_tracing(&config.log);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -131,27 +134,67 @@ fn run_proxy(cli: &Cli) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        match Server::bind(config).await {
-            Ok(server) => {
-                server.run(server::shutdown_signal()).await;
-                ExitCode::SUCCESS
-            }
+        let server = match Server::bind(config).await {
+            Ok(server) => server,
             Err(e) => {
                 tracing::error!("{e}");
-                ExitCode::FAILURE
+                return ExitCode::FAILURE;
             }
-        }
+        };
+        let reloads = tokio::spawn(reload_on_sighup(cli.clone(), server.handle(), filter));
+        server.run(server::shutdown_signal()).await;
+        reloads.abort();
+        ExitCode::SUCCESS
     })
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+type FilterHandle = reload::Handle<EnvFilter, Registry>;
+
+/// Sets up logging: the level from `RUST_LOG` if set, else from the config (and its reloads).
+fn init_tracing(log: &LogConfig) -> FilterHandle {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+    let (filter, handle) = reload::Layer::new(filter);
+    let (text, json) = match log.format {
+        LogFormat::Text => (Some(fmt::layer().with_writer(std::io::stderr)), None),
+        LogFormat::Json => (
+            None,
+            Some(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(std::io::stderr),
+            ),
+        ),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(json)
+        .init();
+    handle
+}
+
+/// Reloads the config file on every SIGHUP: routes, policy, limits, timeouts, log level.
+async fn reload_on_sighup(cli: Cli, handle: Handle, filter: FilterHandle) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reloading is off");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        tracing::info!(file = ?cli.config, "SIGHUP: reloading the config");
+        let loaded = load(&cli);
+        let level = loaded.as_ref().ok().map(|c| c.log.level.clone());
+        if handle.reload(loaded).is_ok() && std::env::var_os("RUST_LOG").is_none() {
+            if let Some(level) = level {
+                if let Err(e) = filter.reload(EnvFilter::new(level)) {
+                    tracing::warn!(error = %e, "could not apply the new log level");
+                }
+            }
+        }
     }
 }
 

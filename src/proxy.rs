@@ -3,12 +3,14 @@
 //! Passthrough requests are streamed both ways and never buffered. A policed request has its
 //! headers checked first (so a refusal costs no body read), then at most `max_body_bytes` of its
 //! body read under a deadline, then the pure policy decides. Every failure leaves through
-//! [`Error::render`].
+//! [`Error::render`]; every exchange leaves one [`Exchange`] record.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
 use http::request::Parts;
@@ -16,70 +18,27 @@ use http::{Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 
+pub use crate::access::Decision;
+use crate::access::Exchange;
 use crate::body::ProxyBody;
 use crate::config::Config;
 use crate::error::Error;
 use crate::headers::{add_forwarded, strip_hop_by_hop, RequestIds, X_REQUEST_ID};
+use crate::metrics::Metrics;
 use crate::policy::{self, Mode, Verdict, Violation};
 use crate::route::{self, Class, ErrorStyle, Route};
 use crate::upstream::{self, TlsError, UpstreamClient};
 
-/// What snapguard did with a request; the `decision` of the access log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    /// Not a policed route: streamed as is.
-    Passthrough,
-    /// Policed and forwarded byte for byte.
-    Allowed,
-    /// Policed and forwarded with legacy fields renamed.
-    Normalized,
-    /// Refused by the policy, never sent upstream.
-    Rejected,
-    /// A violation forwarded anyway, in audit mode.
-    Audit,
-}
-
-impl Decision {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Passthrough => "passthrough",
-            Self::Allowed => "allowed",
-            Self::Normalized => "normalized",
-            Self::Rejected => "rejected",
-            Self::Audit => "audit",
-        }
-    }
-}
-
-/// The result of handling one request, before it becomes a response.
-struct Outcome {
-    result: Result<Response<Incoming>, Error>,
-    decision: Decision,
-    rule: Option<&'static str>,
-}
-
-impl Outcome {
-    fn forwarded(result: Result<Response<Incoming>, Error>, decision: Decision) -> Self {
-        let rule = result.as_ref().err().map(Error::kind);
-        Self {
-            result,
-            decision,
-            rule,
-        }
-    }
-}
-
-/// The proxy service, shared by every connection.
-pub struct Proxy {
-    config: Arc<Config>,
+/// What a reload replaces whole: the config and the upstream client built from it.
+pub struct Runtime {
+    pub config: Config,
     client: UpstreamClient,
     /// The upstream authority as a Host value, made once.
     upstream_host: HeaderValue,
-    ids: RequestIds,
 }
 
-impl Proxy {
-    pub fn new(config: Arc<Config>) -> Result<Self, TlsError> {
+impl Runtime {
+    pub fn new(config: Config) -> Result<Self, TlsError> {
         let client = upstream::client(&config)?;
         let upstream_host = HeaderValue::from_str(config.upstream.url.authority.as_str())
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
@@ -87,24 +46,89 @@ impl Proxy {
             config,
             client,
             upstream_host,
-            ids: RequestIds::default(),
         })
     }
+}
 
-    pub fn config(&self) -> &Config {
-        &self.config
+/// The result of handling one request, before it becomes a response.
+struct Outcome {
+    result: Result<Response<Incoming>, Error>,
+    decision: Decision,
+    /// The policy rule violated, if any (also in audit mode, where the request is forwarded).
+    rule: Option<&'static str>,
+    upstream: Option<Duration>,
+}
+
+impl Outcome {
+    fn refused(error: Error) -> Self {
+        Self {
+            rule: match &error {
+                Error::Policy(v) => Some(v.rule()),
+                _ => None,
+            },
+            result: Err(error),
+            decision: Decision::Rejected,
+            upstream: None,
+        }
+    }
+}
+
+/// What one request carries through the proxy besides the request itself.
+struct Context<'r> {
+    rt: &'r Runtime,
+    peer: SocketAddr,
+    id: &'r HeaderValue,
+    bytes_in: &'r Arc<AtomicU64>,
+}
+
+/// The proxy service, shared by every connection.
+pub struct Proxy {
+    runtime: ArcSwap<Runtime>,
+    ids: RequestIds,
+    metrics: Arc<Metrics>,
+}
+
+impl Proxy {
+    pub fn new(runtime: Runtime, metrics: Arc<Metrics>) -> Self {
+        Self {
+            runtime: ArcSwap::from_pointee(runtime),
+            ids: RequestIds::default(),
+            metrics,
+        }
+    }
+
+    /// The runtime in force now. Requests keep the one they started with.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Swaps in a new runtime; requests in flight finish on the old one.
+    pub fn swap(&self, runtime: Runtime) {
+        self.runtime.store(Arc::new(runtime));
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Handles one downstream request. Never fails: errors become responses.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
         let started = Instant::now();
+        let rt = self.runtime();
         let request_id = self.ids.for_request(req.headers());
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let http1 = req.version() < Version::HTTP_2;
+        let bytes_in = Arc::new(AtomicU64::new(0));
+        let cx = Context {
+            rt: &rt,
+            peer,
+            id: &request_id,
+            bytes_in: &bytes_in,
+        };
 
         let class = route::classify(
-            &self.config.routes,
+            &rt.config.routes,
             req.method(),
             req.headers(),
             req.uri().path(),
@@ -115,76 +139,68 @@ impl Proxy {
         };
         let outcome = match class {
             Class::Passthrough if method == Method::CONNECT => {
-                Outcome::forwarded(Err(Error::Method(Method::CONNECT)), Decision::Rejected)
+                Outcome::refused(Error::Method(Method::CONNECT))
             }
             Class::Passthrough => {
                 let (parts, body) = req.into_parts();
-                let result = self
-                    .forward(parts, ProxyBody::stream(body), peer, &request_id)
-                    .await;
-                Outcome::forwarded(result, Decision::Passthrough)
+                let body = ProxyBody::stream(body).counting_into(bytes_in.clone());
+                self.forward(&cx, parts, body, Decision::Passthrough, None)
+                    .await
             }
             Class::Ambiguous => {
                 let (parts, body) = req.into_parts();
-                self.violation(
-                    Violation::AmbiguousPath,
-                    parts,
-                    ProxyBody::stream(body),
-                    peer,
-                    &request_id,
-                )
-                .await
+                let body = ProxyBody::stream(body).counting_into(bytes_in.clone());
+                self.violation(&cx, Violation::AmbiguousPath, parts, body)
+                    .await
             }
-            Class::Policed { route, .. } => self.police(req, route, peer, &request_id).await,
+            Class::Policed { route, .. } => self.police(&cx, req, route).await,
         };
 
-        let mut response = match outcome.result {
+        let error = outcome.result.as_ref().err().map(Error::kind);
+        let (mut response, body) = match outcome.result {
             Ok(response) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, ProxyBody::stream(body))
+                (Response::from_parts(parts, ()), ProxyBody::stream(body))
             }
             Err(e) => {
                 if e.status().is_server_error() {
                     tracing::warn!(error = %e, request_id = ?request_id, "upstream failure");
                 }
                 let style = route.map_or(ErrorStyle::Openstack, |r| r.error_style);
-                let mut response = e.render(style, &self.config.errors);
+                let (mut parts, body) = e.render(style, &rt.config.errors).into_parts();
                 if http1 && e.closes_connection() {
-                    response
-                        .headers_mut()
+                    parts
+                        .headers
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
-                response
+                (Response::from_parts(parts, ()), body)
             }
         };
         response
             .headers_mut()
             .insert(X_REQUEST_ID, request_id.clone());
-
-        tracing::info!(
-            target: "snapguard::access",
-            method = %method,
-            path = %path,
-            status = response.status().as_u16(),
-            route = route.map_or("-", |r| r.template.as_str()),
-            decision = outcome.decision.as_str(),
-            rule = outcome.rule.unwrap_or("-"),
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-            request_id = request_id.to_str().unwrap_or("-"),
-        );
-        response
+        let exchange = Box::new(Exchange {
+            started,
+            method,
+            path,
+            route: route.map(|r| r.template.clone()),
+            decision: outcome.decision,
+            rule: outcome.rule,
+            error,
+            status: response.status().as_u16(),
+            request_id,
+            upstream: outcome.upstream,
+            bytes_in,
+            bytes_out: 0,
+            metrics: self.metrics.clone(),
+        });
+        response.map(|()| body.finishing(exchange))
     }
 
     /// Polices a request on `route`, then forwards what the policy allows.
-    async fn police(
-        &self,
-        req: Request<Incoming>,
-        route: &Route,
-        peer: SocketAddr,
-        id: &HeaderValue,
-    ) -> Outcome {
-        let policy = &self.config.policy;
+    async fn police(&self, cx: &Context<'_>, req: Request<Incoming>, route: &Route) -> Outcome {
+        let policy = &cx.rt.config.policy;
         let (mut parts, body) = req.into_parts();
 
         let declared_too_large = parts
@@ -201,75 +217,67 @@ impl Proxy {
             }
         });
         if let Err(v) = early {
-            return self
-                .violation(v, parts, ProxyBody::stream(body), peer, id)
-                .await;
+            let body = ProxyBody::stream(body).counting_into(cx.bytes_in.clone());
+            return self.violation(cx, v, parts, body).await;
         }
 
-        let limit = self.config.timeouts.request_body;
-        let bytes = match tokio::time::timeout(limit, read_bounded(body, policy.max_body_bytes))
-            .await
-        {
-            Err(_) => {
-                return Outcome::forwarded(Err(Error::BodyTimeout(limit)), Decision::Rejected)
-            }
-            Ok(Err(e)) => return Outcome::forwarded(Err(Error::BodyRead(e)), Decision::Rejected),
+        let limit = cx.rt.config.timeouts.request_body;
+        let read = tokio::time::timeout(
+            limit,
+            read_bounded(body, policy.max_body_bytes, cx.bytes_in),
+        )
+        .await;
+        let bytes = match read {
+            Err(_) => return Outcome::refused(Error::BodyTimeout(limit)),
+            Ok(Err(e)) => return Outcome::refused(Error::BodyRead(e)),
             Ok(Ok(Read::TooLarge(prefix, rest))) => {
                 let v = Violation::BodyTooLarge {
                     limit: policy.max_body_bytes,
                 };
-                return self
-                    .violation(v, parts, ProxyBody::prefixed(prefix, rest), peer, id)
-                    .await;
+                let body = ProxyBody::prefixed(prefix, rest).counting_into(cx.bytes_in.clone());
+                return self.violation(cx, v, parts, body).await;
             }
             Ok(Ok(Read::Whole(bytes))) => bytes,
         };
 
         match policy::check_body(route, policy, &bytes, !policy::is_signed(&parts.headers)) {
             Ok(Verdict::Unchanged) => {
-                let result = self.forward(parts, ProxyBody::full(bytes), peer, id).await;
-                Outcome::forwarded(result, Decision::Allowed)
+                self.forward(cx, parts, ProxyBody::full(bytes), Decision::Allowed, None)
+                    .await
             }
             Ok(Verdict::Normalized(body)) => {
                 parts
                     .headers
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-                let result = self
-                    .forward(parts, ProxyBody::full(Bytes::from(body)), peer, id)
-                    .await;
-                Outcome::forwarded(result, Decision::Normalized)
-            }
-            Err(v) => {
-                self.violation(v, parts, ProxyBody::full(bytes), peer, id)
+                let body = ProxyBody::full(Bytes::from(body));
+                self.forward(cx, parts, body, Decision::Normalized, None)
                     .await
             }
+            Err(v) => self.violation(cx, v, parts, ProxyBody::full(bytes)).await,
         }
     }
 
-    /// Refuses the request, or in audit mode reports the violation and forwards it unchanged.
+    /// Counts a violation; refuses the request, or in audit mode logs it and forwards the
+    /// request unchanged.
     async fn violation(
         &self,
+        cx: &Context<'_>,
         v: Violation,
         parts: Parts,
         body: ProxyBody,
-        peer: SocketAddr,
-        id: &HeaderValue,
     ) -> Outcome {
-        let rule = Some(v.rule());
-        match self.config.policy.mode {
-            Mode::Enforce => Outcome {
-                result: Err(v.into()),
-                decision: Decision::Rejected,
-                rule,
-            },
+        self.metrics.violation(v.rule(), v.field());
+        match cx.rt.config.policy.mode {
+            Mode::Enforce => Outcome::refused(v.into()),
             Mode::Audit => {
-                tracing::warn!(rule = v.rule(), field = v.field().unwrap_or("-"), request_id = ?id, "policy violation forwarded (audit mode): {v}");
-                let result = self.forward(parts, body, peer, id).await;
-                Outcome {
-                    result,
-                    decision: Decision::Audit,
-                    rule,
-                }
+                tracing::warn!(
+                    rule = v.rule(),
+                    field = v.field().unwrap_or("-"),
+                    request_id = ?cx.id,
+                    "policy violation forwarded (audit mode): {v}"
+                );
+                let rule = Some(v.rule());
+                self.forward(cx, parts, body, Decision::Audit, rule).await
             }
         }
     }
@@ -277,27 +285,32 @@ impl Proxy {
     /// Sends the request upstream and waits (bounded) for its response head.
     async fn forward(
         &self,
+        cx: &Context<'_>,
         mut parts: Parts,
         body: ProxyBody,
-        peer: SocketAddr,
-        id: &HeaderValue,
-    ) -> Result<Response<Incoming>, Error> {
-        let upstream = &self.config.upstream;
+        decision: Decision,
+        rule: Option<&'static str>,
+    ) -> Outcome {
+        let rt = cx.rt;
+        let upstream = &rt.config.upstream;
         // The original path and query bytes, whatever form the request target had.
-        let target = parts
+        let uri = parts
             .uri
             .path_and_query()
             .filter(|pq| pq.as_str().starts_with('/'))
-            .cloned()
-            .ok_or_else(|| Error::BadTarget(parts.uri.to_string()))?;
-        parts.uri = Uri::builder()
-            .scheme(upstream.url.scheme.clone())
-            .authority(upstream.url.authority.clone())
-            .path_and_query(target)
-            .build()
-            .map_err(|_| Error::BadTarget(parts.uri.to_string()))?;
+            .and_then(|target| {
+                Uri::builder()
+                    .scheme(upstream.url.scheme.clone())
+                    .authority(upstream.url.authority.clone())
+                    .path_and_query(target.clone())
+                    .build()
+                    .ok()
+            });
+        let Some(uri) = uri else {
+            return Outcome::refused(Error::BadTarget(parts.uri.to_string()));
+        };
+        parts.uri = uri;
 
-        // HTTP/2 carries the host in :authority, which hyper exposes as the URI's authority.
         let downstream_host = parts.headers.get(header::HOST).cloned();
         strip_hop_by_hop(&mut parts.headers);
         // hyper already answered any `Expect: 100-continue` downstream when the body was polled;
@@ -314,23 +327,36 @@ impl Proxy {
         }
         let host = match (&downstream_host, upstream.preserve_host) {
             (Some(host), true) => host.clone(),
-            _ => self.upstream_host.clone(),
+            _ => rt.upstream_host.clone(),
         };
         parts.headers.insert(header::HOST, host);
-        if self.config.forwarding.x_forwarded {
-            add_forwarded(&mut parts.headers, peer.ip(), "http", downstream_host);
+        if rt.config.forwarding.x_forwarded {
+            add_forwarded(&mut parts.headers, cx.peer.ip(), "http", downstream_host);
         }
-        parts.headers.insert(X_REQUEST_ID, id.clone());
+        parts.headers.insert(X_REQUEST_ID, cx.id.clone());
         parts.version = Version::HTTP_11;
 
-        let limit = self.config.timeouts.upstream_response;
-        match tokio::time::timeout(limit, self.client.request(Request::from_parts(parts, body)))
-            .await
-        {
-            Err(_) => Err(Error::UpstreamTimeout(limit)),
-            Ok(Err(e)) if e.is_connect() => Err(Error::UpstreamConnect(e)),
-            Ok(Err(e)) => Err(Error::Upstream(e)),
-            Ok(Ok(response)) => Ok(response),
+        let limit = rt.config.timeouts.upstream_response;
+        let sent = Instant::now();
+        let result =
+            match tokio::time::timeout(limit, rt.client.request(Request::from_parts(parts, body)))
+                .await
+            {
+                Err(_) => Err(Error::UpstreamTimeout(limit)),
+                Ok(Err(e)) if e.is_connect() => Err(Error::UpstreamConnect(e)),
+                Ok(Err(e)) => Err(Error::Upstream(e)),
+                Ok(Ok(response)) => Ok(response),
+            };
+        let took = sent.elapsed();
+        match &result {
+            Ok(_) => self.metrics.upstream(took),
+            Err(e) => self.metrics.upstream_error(e.kind()),
+        }
+        Outcome {
+            rule,
+            result,
+            decision,
+            upstream: Some(took),
         }
     }
 }
@@ -343,13 +369,18 @@ enum Read {
 }
 
 /// Reads `body` until it ends or exceeds `max` bytes, counting the bytes actually received.
-async fn read_bounded(mut body: Incoming, max: usize) -> Result<Read, hyper::Error> {
+async fn read_bounded(
+    mut body: Incoming,
+    max: usize,
+    received: &AtomicU64,
+) -> Result<Read, hyper::Error> {
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
         // Trailers of a policed body are dropped: it is re-framed with a Content-Length.
         let Ok(data) = frame?.into_data() else {
             continue;
         };
+        received.fetch_add(data.len() as u64, Ordering::Relaxed);
         buf.extend_from_slice(&data);
         if buf.len() > max {
             return Ok(Read::TooLarge(buf.freeze(), body));

@@ -6,6 +6,7 @@
 //! The request itself is never rewritten; the normalized path exists only to decide.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use http::{HeaderMap, Method};
 use serde::Deserialize;
@@ -50,7 +51,7 @@ fn default_body_root() -> String {
 #[serde(try_from = "RouteSpec")]
 pub struct Route {
     /// The path template as configured; used as the route's label in logs and errors.
-    pub template: String,
+    pub template: Arc<str>,
     pub methods: Vec<Method>,
     segments: Vec<Segment>,
     pub body_root: String,
@@ -125,7 +126,7 @@ impl TryFrom<RouteSpec> for Route {
             })
             .collect();
         Ok(Self {
-            template: spec.path,
+            template: Arc::from(spec.path.as_str()),
             methods,
             segments,
             body_root: spec.body_root,
@@ -411,7 +412,7 @@ mod tests {
         let method = Method::from_bytes(method.as_bytes()).unwrap();
         match classify(&routes, &method, &headers, path) {
             Class::Passthrough => None,
-            Class::Policed { route, .. } => Some(route.template.clone()),
+            Class::Policed { route, .. } => Some(route.template.to_string()),
             Class::Ambiguous => Some("ambiguous".to_owned()),
         }
     }

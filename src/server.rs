@@ -1,13 +1,14 @@
-//! Listeners, connections and shutdown.
+//! Listeners, connections, reload and shutdown.
 //!
 //! One accept loop serves HTTP/1.1 and HTTP/2 prior knowledge (h2c) on the same port; a
 //! semaphore bounds concurrent connections (beyond it, connections wait in the kernel backlog).
-//! On shutdown the loop stops accepting, readiness fails, and in-flight requests get
-//! `shutdown_grace` to finish.
+//! A [`Handle`] swaps in a reloaded configuration without dropping a request. On shutdown the
+//! loop stops accepting, readiness fails, and in-flight requests get `shutdown_grace` to finish.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,8 +20,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::admin::{self, Readiness};
-use crate::config::Config;
-use crate::proxy::Proxy;
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::proxy::{Proxy, Runtime};
 use crate::upstream::TlsError;
 
 /// Why snapguard could not start.
@@ -36,11 +38,20 @@ pub enum StartError {
     Tls(#[from] TlsError),
 }
 
+/// Why a reload was refused; the configuration in force stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
 /// A bound, not yet running snapguard.
 pub struct Server {
     listener: TcpListener,
     admin: TcpListener,
-    proxy: Arc<Proxy>,
+    handle: Handle,
     ready: Readiness,
 }
 
@@ -56,11 +67,19 @@ impl Server {
         };
         let listener = bind(config.listen).await?;
         let admin = bind(config.admin).await?;
-        let proxy = Arc::new(Proxy::new(Arc::new(config))?);
+        let max_connections = config.limits.max_connections;
+        let addresses = (config.listen, config.admin);
+        let metrics = Arc::new(Metrics::default());
+        let proxy = Arc::new(Proxy::new(Runtime::new(config)?, metrics));
         Ok(Self {
             listener,
             admin,
-            proxy,
+            handle: Handle {
+                proxy,
+                slots: Arc::new(Semaphore::new(max_connections)),
+                max_connections: Arc::new(AtomicUsize::new(max_connections)),
+                addresses,
+            },
             ready: Readiness::default(),
         })
     }
@@ -69,13 +88,16 @@ impl Server {
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .local_addr()
-            .unwrap_or_else(|_| self.proxy.config().listen)
+            .unwrap_or(self.handle.addresses.0)
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin
-            .local_addr()
-            .unwrap_or_else(|_| self.proxy.config().admin)
+        self.admin.local_addr().unwrap_or(self.handle.addresses.1)
+    }
+
+    /// A handle to reload the running server.
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
     }
 
     /// Serves until `shutdown` completes, then drains.
@@ -83,35 +105,24 @@ impl Server {
         let Self {
             listener,
             admin,
-            proxy,
+            handle,
             ready,
         } = self;
-        let config = proxy.config();
-        let admin_task = tokio::spawn(admin::serve(admin, ready.clone()));
-
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(config.timeouts.request_header)
-            .max_buf_size(config.limits.max_header_bytes);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(
-                u32::try_from(config.limits.max_header_bytes).unwrap_or(u32::MAX),
-            );
+        let proxy = handle.proxy.clone();
+        let metrics = proxy.metrics().clone();
+        let admin_task = tokio::spawn(admin::serve(admin, ready.clone(), metrics.clone()));
 
         let graceful = GracefulShutdown::new();
-        let slots = Arc::new(Semaphore::new(config.limits.max_connections));
+        let mut runtime = proxy.runtime();
+        let mut builder = connection_builder(&runtime.config);
         tokio::pin!(shutdown);
         ready.set(true);
         tracing::info!(listen = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
-            upstream = %config.upstream.url, "snapguard serving");
+            upstream = %runtime.config.upstream.url, "snapguard serving");
 
         loop {
             let permit = tokio::select! {
-                permit = slots.clone().acquire_owned() => match permit {
+                permit = handle.slots.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => break,
                 },
@@ -130,6 +141,13 @@ impl Server {
                 () = &mut shutdown => break,
             };
             let _ = stream.set_nodelay(true);
+            // Header limits and timeouts follow reloads, for connections accepted after them.
+            let current = proxy.runtime();
+            if !Arc::ptr_eq(&current, &runtime) {
+                builder = connection_builder(&current.config);
+                runtime = current;
+            }
+            let active = metrics.connection();
             let proxy = proxy.clone();
             let svc = service_fn(move |req| {
                 let proxy = proxy.clone();
@@ -144,14 +162,14 @@ impl Server {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, %peer, "connection ended with an error");
                 }
-                drop(permit);
+                drop((permit, active));
             });
         }
 
         ready.set(false);
         drop(listener);
-        let grace = config.timeouts.shutdown_grace;
-        tracing::info!(in_flight = graceful.count(), ?grace, "draining");
+        let grace = runtime.config.timeouts.shutdown_grace;
+        tracing::info!(connections = graceful.count(), ?grace, "draining");
         if tokio::time::timeout(grace, graceful.shutdown())
             .await
             .is_err()
@@ -163,6 +181,79 @@ impl Server {
         }
         admin_task.abort();
         tracing::info!("snapguard stopped");
+    }
+}
+
+fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // hyper runs this timer whenever it waits for a request head, so it also closes idle
+        // keep-alive connections.
+        .header_read_timeout(config.timeouts.request_header)
+        .max_buf_size(config.limits.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(config.limits.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// Reloads a running server.
+#[derive(Clone)]
+pub struct Handle {
+    proxy: Arc<Proxy>,
+    slots: Arc<Semaphore>,
+    max_connections: Arc<AtomicUsize>,
+    /// The configured listen and admin addresses, which only a restart changes.
+    addresses: (SocketAddr, SocketAddr),
+}
+
+impl Handle {
+    /// Swaps in a reloaded configuration, or keeps the one in force and says why. Requests in
+    /// flight finish under the configuration they started with.
+    pub fn reload(&self, loaded: Result<Config, ConfigError>) -> Result<(), ReloadError> {
+        let applied = loaded
+            .map_err(ReloadError::from)
+            .and_then(|config| Ok(Runtime::new(config)?));
+        let runtime = match applied {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                self.proxy.metrics().reload(false);
+                tracing::error!("config reload failed, keeping the configuration in force: {e}");
+                return Err(e);
+            }
+        };
+        let config = &runtime.config;
+        if (config.listen, config.admin) != self.addresses {
+            tracing::warn!(
+                listen = %config.listen,
+                admin = %config.admin,
+                "listen and admin addresses change only on restart; still serving the old ones"
+            );
+        }
+        self.resize(config.limits.max_connections);
+        self.proxy.swap(runtime);
+        self.proxy.metrics().reload(true);
+        tracing::info!("config reloaded");
+        Ok(())
+    }
+
+    /// Grows or shrinks the connection limit. Shrinking waits for connections to end.
+    fn resize(&self, max: usize) {
+        let old = self.max_connections.swap(max, Ordering::AcqRel);
+        if max > old {
+            self.slots.add_permits(max - old);
+        } else if max < old {
+            let slots = self.slots.clone();
+            let excess = u32::try_from(old - max).unwrap_or(u32::MAX);
+            tokio::spawn(async move {
+                if let Ok(permits) = slots.acquire_many_owned(excess).await {
+                    permits.forget();
+                }
+            });
+        }
     }
 }
 

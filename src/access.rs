@@ -1,0 +1,91 @@
+//! The access record of one exchange: written to the access log and to the metrics once the
+//! response body has been sent (or abandoned), so its byte counts and duration are whole.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Method};
+
+use crate::metrics::{method_label, Metrics, RequestLabels};
+
+/// What snapguard did with a request; the `decision` of the access log and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Not a policed route: streamed as is.
+    Passthrough,
+    /// Policed and forwarded byte for byte.
+    Allowed,
+    /// Policed and forwarded with legacy fields renamed.
+    Normalized,
+    /// Refused by the policy (or unreadable), never sent upstream.
+    Rejected,
+    /// A violation forwarded anyway, in audit mode.
+    Audit,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Passthrough => "passthrough",
+            Self::Allowed => "allowed",
+            Self::Normalized => "normalized",
+            Self::Rejected => "rejected",
+            Self::Audit => "audit",
+        }
+    }
+}
+
+/// One request's record. Dropping it writes the access line and counts the request.
+#[derive(Debug)]
+pub struct Exchange {
+    pub started: Instant,
+    pub method: Method,
+    /// The request path, without the query (which may carry tokens).
+    pub path: String,
+    pub route: Option<Arc<str>>,
+    pub decision: Decision,
+    /// The policy rule violated, if any.
+    pub rule: Option<&'static str>,
+    /// Why no upstream response was relayed, if so (`Error::kind`).
+    pub error: Option<&'static str>,
+    pub status: u16,
+    pub request_id: HeaderValue,
+    pub upstream: Option<Duration>,
+    /// Request body bytes received, counted by the request body as it streams.
+    pub bytes_in: Arc<AtomicU64>,
+    /// Response body bytes sent, counted by the response body.
+    pub bytes_out: u64,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let duration = self.started.elapsed();
+        let route = self.route.clone().unwrap_or_else(|| Arc::from("none"));
+        self.metrics.request(
+            &RequestLabels {
+                route: route.clone(),
+                method: method_label(&self.method),
+                decision: self.decision.as_str(),
+                status: self.status,
+            },
+            duration,
+        );
+        tracing::info!(
+            target: "snapguard::access",
+            method = %self.method,
+            path = %self.path,
+            status = self.status,
+            route = %route,
+            decision = self.decision.as_str(),
+            rule = self.rule.unwrap_or("-"),
+            error = self.error.unwrap_or("-"),
+            bytes_in = self.bytes_in.load(Ordering::Relaxed),
+            bytes_out = self.bytes_out,
+            duration_ms = duration.as_secs_f64() * 1000.0,
+            upstream_ms = self.upstream.map_or(-1.0, |d| d.as_secs_f64() * 1000.0),
+            request_id = self.request_id.to_str().unwrap_or("-"),
+        );
+    }
+}
