@@ -8,7 +8,6 @@ mod support;
 
 use std::io::Write;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
 
 use http::{StatusCode, Version};
 use support::{free_addr, send, wait_ready, Reply, Upstream};
