@@ -1,6 +1,6 @@
 //! The `snapguard` binary: arguments -> config -> tracing -> server, and the offline subcommands.
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -154,8 +154,13 @@ type FilterHandle = reload::Handle<EnvFilter, Registry>;
 fn init_tracing(log: &LogConfig) -> FilterHandle {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
     let (filter, handle) = reload::Layer::new(filter);
+    // Colours only for a person at a terminal, never in files or collectors.
+    let ansi = std::io::stderr().is_terminal();
     let (text, json) = match log.format {
-        LogFormat::Text => (Some(fmt::layer().with_writer(std::io::stderr)), None),
+        LogFormat::Text => (
+            Some(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)),
+            None,
+        ),
         LogFormat::Json => (
             None,
             Some(

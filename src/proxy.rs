@@ -270,11 +270,12 @@ impl Proxy {
         match cx.rt.config.policy.mode {
             Mode::Enforce => Outcome::refused(v.into()),
             Mode::Audit => {
+                // The rule and field only: the offending value is body content, never logged.
                 tracing::warn!(
                     rule = v.rule(),
                     field = v.field().unwrap_or("-"),
                     request_id = ?cx.id,
-                    "policy violation forwarded (audit mode): {v}"
+                    "policy violation forwarded (audit mode)"
                 );
                 let rule = Some(v.rule());
                 self.forward(cx, parts, body, Decision::Audit, rule).await

@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{Child, Command};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -260,7 +261,9 @@ pub struct Proxy {
     pub admin: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
-    child: Option<Child>,
+    /// Reloads the in-process server.
+    pub handle: Option<snapguard::server::Handle>,
+    child: Option<Binary>,
 }
 
 impl Proxy {
@@ -281,6 +284,7 @@ impl Proxy {
         config.admin = "127.0.0.1:0".parse().unwrap();
         let server = Server::bind(config).await.expect("bind");
         let (addr, admin) = (server.local_addr(), server.admin_addr());
+        let handle = Some(server.handle());
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
@@ -290,43 +294,21 @@ impl Proxy {
             admin,
             stop: Some(stop),
             task: Some(task),
+            handle,
             child: None,
         }
     }
 
     async fn spawn(bin: &str, upstream: &str, toml: &str) -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let file = std::env::temp_dir().join(format!(
-            "snapguard-test-{}-{}.toml",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&file, toml).unwrap();
-        let (addr, admin) = (free_addr(), free_addr());
-        let child = Command::new(bin)
-            .arg("--config")
-            .arg(&file)
-            .args([
-                "--listen",
-                &addr.to_string(),
-                "--admin",
-                &admin.to_string(),
-                "--upstream",
-                upstream,
-            ])
-            .env("RUST_LOG", "error")
-            .spawn()
-            .expect("spawn SNAPGUARD_BIN");
-        let proxy = Self {
-            addr,
-            admin,
+        let binary = Binary::start(bin, upstream, toml, &[("RUST_LOG", "error")]).await;
+        Self {
+            addr: binary.addr,
+            admin: binary.admin,
             stop: None,
             task: None,
-            child: Some(child),
-        };
-        wait_ready(admin).await;
-        let _ = std::fs::remove_file(&file);
-        proxy
+            handle: None,
+            child: Some(binary),
+        }
     }
 
     /// Signals shutdown (SIGTERM for a spawned binary) and waits for the drain to end.
@@ -337,17 +319,9 @@ impl Proxy {
         if let Some(task) = self.task.take() {
             task.await.unwrap();
         }
-        if let Some(mut child) = self.child.take() {
-            let pid = child.id().to_string();
-            assert!(Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success());
-            let status = tokio::task::spawn_blocking(move || child.wait())
-                .await
-                .unwrap()
-                .unwrap();
+        if let Some(child) = self.child.take() {
+            child.signal("TERM");
+            let status = child.wait().await;
             assert!(status.success(), "snapguard exited with {status}");
         }
     }
@@ -357,13 +331,130 @@ impl Proxy {
     }
 }
 
-impl Drop for Proxy {
+/// The snapguard binary, run with a config file on free loopback ports, its log in a file.
+pub struct Binary {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Binary {
+    /// Starts `bin` with `toml` in front of `upstream` and waits until it is ready.
+    pub async fn start(bin: &str, upstream: &str, toml: &str, env: &[(&str, &str)]) -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let stem = std::env::temp_dir().join(format!(
+            "snapguard-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let (config, log) = (stem.with_extension("toml"), stem.with_extension("log"));
+        std::fs::write(&config, toml).unwrap();
+        let (addr, admin) = (free_addr(), free_addr());
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(&config)
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--admin",
+                &admin.to_string(),
+                "--upstream",
+                upstream,
+            ])
+            .envs(env.iter().copied())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn snapguard");
+        let binary = Self {
+            addr,
+            admin,
+            config,
+            log,
+            child: Some(child),
+        };
+        wait_ready(admin).await;
+        binary
+    }
+
+    /// Sends a signal by name (`TERM`, `HUP`).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .unwrap()
+            .success());
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for Binary {
     fn drop(&mut self) {
         if let Some(child) = &mut self.child {
             let _ = child.kill();
             let _ = child.wait();
         }
+        let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_file(&self.log);
     }
+}
+
+/// The built `snapguard` binary of this test run.
+pub fn binary_path() -> &'static str {
+    env!("CARGO_BIN_EXE_snapguard")
+}
+
+/// GETs `path` on the admin listener.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> Got {
+    send(
+        Version::HTTP_11,
+        "GET",
+        &format!("http://{admin}{path}"),
+        &[],
+        "",
+    )
+    .await
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed), or 0 when absent.
+pub fn sample(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Polls `series` on the admin endpoint until it equals `want` (counters are written when a
+/// response body ends, which can be a moment after the client has it).
+pub async fn await_sample(admin: SocketAddr, series: &str, want: f64) {
+    let mut last = String::new();
+    for _ in 0..100 {
+        last = String::from_utf8_lossy(&admin_get(admin, "/metrics").await.body).into_owned();
+        if sample(&last, series) == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{series} never became {want}:\n{last}");
 }
 
 /// A loopback address that was free a moment ago.

@@ -1,0 +1,480 @@
+//! What an SRE relies on: metrics that move, an access log that never leaks, drain on SIGTERM,
+//! reload on SIGHUP under traffic, audit mode, idle timeouts.
+
+// Tests fail by panicking; the no-unwrap rule is for the request path.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{StatusCode, Version};
+use support::{
+    admin_get, await_sample, binary_path, raw, sample, send, Binary, Proxy, Reply, Upstream,
+    FAST_TIMEOUTS,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const UPDATE: &str = "/v3/p1/snapshots/s1";
+const ROUTE: &str = "/v3/{project_id}/snapshots/{snapshot_id}";
+const RESERVED: &str = r#"{"snapshot":{"name":"autobk_snapshot_x"}}"#;
+
+fn requests(route: &str, method: &str, decision: &str, status: u16) -> String {
+    format!(
+        r#"snapguard_requests_total{{route="{route}",method="{method}",decision="{decision}",status="{status}"}}"#
+    )
+}
+
+#[tokio::test]
+async fn each_metric_moves_when_it_should() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(&upstream.url(), "").await;
+    let url = |p: &str| proxy.url(p);
+
+    let text = String::from_utf8(admin_get(proxy.admin, "/metrics").await.body.to_vec()).unwrap();
+    assert!(
+        text.contains(&format!(
+            r#"snapguard_build_info{{version="{}"}} 1"#,
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "snapguard_request_duration_seconds_count"),
+        0.0
+    );
+
+    send(Version::HTTP_11, "PUT", &url(UPDATE), &[], RESERVED).await;
+    send(
+        Version::HTTP_11,
+        "PUT",
+        &url(UPDATE),
+        &[],
+        r#"{"snapshot":{"display_name":"n"}}"#,
+    )
+    .await;
+    send(Version::HTTP_11, "GET", &url("/v3/p1/volumes"), &[], "").await;
+    let a = proxy.admin;
+    await_sample(a, &requests(ROUTE, "PUT", "rejected", 400), 1.0).await;
+    await_sample(a, &requests(ROUTE, "PUT", "normalized", 200), 1.0).await;
+    await_sample(a, &requests("none", "GET", "passthrough", 200), 1.0).await;
+    await_sample(
+        a,
+        r#"snapguard_policy_violations_total{rule="reserved_prefix",field="name"}"#,
+        1.0,
+    )
+    .await;
+    await_sample(a, "snapguard_request_duration_seconds_count", 3.0).await;
+    await_sample(a, "snapguard_upstream_duration_seconds_count", 2.0).await;
+
+    // A connection counts while it is open.
+    let idle = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    await_sample(a, "snapguard_connections_active", 1.0).await;
+    drop(idle);
+    await_sample(a, "snapguard_connections_active", 0.0).await;
+
+    // Reloads count by result.
+    let handle = proxy.handle.clone().unwrap();
+    let mut config = snapguard::Config::default();
+    config.upstream.url = upstream.url().parse().unwrap();
+    handle.reload(Ok(config)).unwrap();
+    assert!(handle
+        .reload(snapguard::Config::from_toml("nonsense = 1"))
+        .is_err());
+    await_sample(
+        a,
+        r#"snapguard_config_reloads_total{result="success"}"#,
+        1.0,
+    )
+    .await;
+    await_sample(
+        a,
+        r#"snapguard_config_reloads_total{result="failure"}"#,
+        1.0,
+    )
+    .await;
+
+    // Upstream errors count by kind.
+    let silent = Upstream::start(Reply::Silent).await;
+    let proxy = Proxy::start(&silent.url(), FAST_TIMEOUTS).await;
+    send(
+        Version::HTTP_11,
+        "GET",
+        &proxy.url("/v3/p1/volumes"),
+        &[],
+        "",
+    )
+    .await;
+    await_sample(
+        proxy.admin,
+        r#"snapguard_upstream_errors_total{kind="timeout"}"#,
+        1.0,
+    )
+    .await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = Proxy::start(&format!("http://{closed}"), FAST_TIMEOUTS).await;
+    send(
+        Version::HTTP_11,
+        "GET",
+        &proxy.url("/v3/p1/volumes"),
+        &[],
+        "",
+    )
+    .await;
+    await_sample(
+        proxy.admin,
+        r#"snapguard_upstream_errors_total{kind="connect"}"#,
+        1.0,
+    )
+    .await;
+    await_sample(
+        proxy.admin,
+        &requests("none", "GET", "passthrough", 502),
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn health_and_readiness_answer_on_the_admin_port() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(&upstream.url(), "").await;
+    assert_eq!(
+        admin_get(proxy.admin, "/healthz").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        admin_get(proxy.admin, "/readyz").await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        admin_get(proxy.admin, "/nothing").await.status,
+        StatusCode::NOT_FOUND
+    );
+    let metrics = admin_get(proxy.admin, "/metrics").await;
+    assert!(metrics.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    assert!(
+        upstream.seen().is_empty(),
+        "admin traffic never reaches the upstream"
+    );
+}
+
+#[tokio::test]
+async fn the_access_log_has_every_field_and_never_a_secret() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    // The most verbose level there is: nothing below may print a secret either.
+    let bin = Binary::start(
+        binary_path(),
+        &upstream.url(),
+        "[log]\nformat = \"json\"\n",
+        &[("RUST_LOG", "trace")],
+    )
+    .await;
+    let secrets = [
+        ("authorization", "Bearer s3cr3t-authorization"),
+        ("x-auth-token", "s3cr3t-auth-token"),
+    ];
+    let body =
+        r#"{"snapshot":{"name":"s3cr3t-body-name","description":"s3cr3t-body-description"}}"#;
+    for version in [Version::HTTP_11, Version::HTTP_2] {
+        let got = send(version, "PUT", &bin.url(UPDATE), &secrets, body).await;
+        assert_eq!(got.status, StatusCode::OK);
+        let got = send(
+            version,
+            "PUT",
+            &bin.url(UPDATE),
+            &secrets,
+            r#"{"snapshot":{"name":"autobk_snapshot_s3cr3t"}}"#,
+        )
+        .await;
+        assert_eq!(got.status, StatusCode::BAD_REQUEST);
+    }
+    let got = send(
+        Version::HTTP_11,
+        "GET",
+        &bin.url("/v3/p1/volumes?token=s3cr3t-query"),
+        &secrets,
+        "",
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    bin.signal("TERM");
+    let log = bin.log();
+    assert!(
+        !log.contains("s3cr3t"),
+        "a secret reached the log:\n{}",
+        log.lines()
+            .filter(|l| l.contains("s3cr3t"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    let access: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| l.contains("snapguard::access"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(access.len(), 5, "{log}");
+    let first = &access[0];
+    for field in [
+        "method",
+        "path",
+        "status",
+        "route",
+        "decision",
+        "rule",
+        "error",
+        "bytes_in",
+        "bytes_out",
+        "duration_ms",
+        "upstream_ms",
+        "request_id",
+    ] {
+        assert!(first.get(field).is_some(), "no {field} in {first}");
+    }
+    assert_eq!(first["method"], "PUT");
+    assert_eq!(first["path"], UPDATE);
+    assert_eq!(first["decision"], "allowed");
+    assert_eq!(first["bytes_in"], body.len());
+    assert_eq!(first["bytes_out"], support::OK_BODY.len());
+    assert_eq!(access[1]["decision"], "rejected");
+    assert_eq!(access[1]["rule"], "reserved_prefix");
+    assert_eq!(
+        access[4]["path"], "/v3/p1/volumes",
+        "the query is not logged"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_and_refuses_new_connections() {
+    let upstream = Upstream::start(Reply::Slow(Duration::from_millis(1500))).await;
+    let bin = Binary::start(binary_path(), &upstream.url(), "", &[]).await;
+    let url = bin.url("/v3/p1/volumes");
+    let in_flight = tokio::spawn(async move { send(Version::HTTP_11, "GET", &url, &[], "").await });
+    for _ in 0..200 {
+        if !upstream.seen().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(upstream.seen().len(), 1, "the slow request is in flight");
+
+    bin.signal("TERM");
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(bin.addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused, "new connections are refused once draining");
+    assert_eq!(
+        admin_get(bin.admin, "/readyz").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    let got = in_flight.await.unwrap();
+    assert_eq!(
+        got.status,
+        StatusCode::OK,
+        "the in-flight request completes"
+    );
+    assert_eq!(got.body, support::OK_BODY);
+    let status = bin.wait().await;
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn sighup_reloads_under_traffic_and_keeps_the_old_config_when_the_new_one_is_bad() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let bin = Binary::start(
+        binary_path(),
+        &upstream.url(),
+        "[policy]\nreserved_prefixes = [\"autobk_snapshot_\"]\n",
+        &[],
+    )
+    .await;
+    let team = r#"{"snapshot":{"name":"team_x"}}"#;
+
+    // Traffic throughout: every request must get a complete, expected answer.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (stop, failures, done, put, get) = (
+            stop.clone(),
+            failures.clone(),
+            done.clone(),
+            bin.url(UPDATE),
+            bin.url("/v3/p1/volumes"),
+        );
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let a = send(
+                    Version::HTTP_11,
+                    "PUT",
+                    &put,
+                    &[],
+                    r#"{"snapshot":{"name":"ok"}}"#,
+                )
+                .await;
+                let b = send(Version::HTTP_11, "GET", &get, &[], "").await;
+                let c = send(Version::HTTP_11, "PUT", &put, &[], RESERVED).await;
+                if a.status != StatusCode::OK
+                    || b.status != StatusCode::OK
+                    || c.status != StatusCode::BAD_REQUEST
+                {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    // Lets traffic run for a while, so that each step happens under load.
+    let some_traffic = || {
+        let done = done.clone();
+        async move {
+            let start = done.load(Ordering::Relaxed);
+            while done.load(Ordering::Relaxed) < start + 20 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    let status_of_team = || async {
+        send(Version::HTTP_11, "PUT", &bin.url(UPDATE), &[], team)
+            .await
+            .status
+    };
+    assert_eq!(status_of_team().await, StatusCode::OK);
+
+    std::fs::write(
+        &bin.config,
+        "[policy]\nreserved_prefixes = [\"autobk_snapshot_\", \"team_\"]\n",
+    )
+    .unwrap();
+    bin.signal("HUP");
+    await_sample(
+        bin.admin,
+        r#"snapguard_config_reloads_total{result="success"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        status_of_team().await,
+        StatusCode::BAD_REQUEST,
+        "the new prefix is in force"
+    );
+
+    std::fs::write(
+        &bin.config,
+        "[policy]\nreserved_prefixes = [\"autobk_snapshot_\"]\nnot_a_key = 1\n",
+    )
+    .unwrap();
+    bin.signal("HUP");
+    await_sample(
+        bin.admin,
+        r#"snapguard_config_reloads_total{result="failure"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        status_of_team().await,
+        StatusCode::BAD_REQUEST,
+        "a bad file keeps the config in force"
+    );
+
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert!(
+        done.load(Ordering::Relaxed) > 10,
+        "traffic ran during the reloads"
+    );
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "no request was dropped or mis-policed"
+    );
+    let log = bin.log();
+    assert!(
+        log.contains("config reload failed") && log.contains("not_a_key"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn audit_mode_logs_counts_and_forwards_violations() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let bin = Binary::start(
+        binary_path(),
+        &upstream.url(),
+        "[policy]\nmode = \"audit\"\n",
+        &[],
+    )
+    .await;
+    let got = send(Version::HTTP_11, "PUT", &bin.url(UPDATE), &[], RESERVED).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(
+        upstream.only().body,
+        RESERVED.as_bytes(),
+        "forwarded unchanged"
+    );
+    await_sample(bin.admin, &requests(ROUTE, "PUT", "audit", 200), 1.0).await;
+    await_sample(
+        bin.admin,
+        r#"snapguard_policy_violations_total{rule="reserved_prefix",field="name"}"#,
+        1.0,
+    )
+    .await;
+    let log = bin.log();
+    let warn = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("audit mode"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        warn.contains("rule=\"reserved_prefix\"") || warn.contains("rule=reserved_prefix"),
+        "{warn}"
+    );
+    assert!(
+        warn.contains("field=\"name\"") || warn.contains("field=name"),
+        "{warn}"
+    );
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(&upstream.url(), "[timeouts]\nrequest_header = \"300ms\"\n").await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Kept alive, then idle: closed by the proxy well within 5 s.
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+
+    // A request head trickled slower than the timeout is cut off too.
+    let response = raw(
+        proxy.addr,
+        b"GET /v3/p1/volumes HTTP/1.1\r\nHost:",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(!response.starts_with("HTTP/1.1 200"), "{response}");
+    assert_eq!(upstream.seen().len(), 1);
+}
