@@ -89,12 +89,14 @@ async fn each_metric_moves_when_it_should() {
         1.0,
     )
     .await;
+    some_traffic().await;
     await_sample(
         a,
         r#"snapguard_config_reloads_total{result="failure"}"#,
         1.0,
     )
     .await;
+    some_traffic().await;
 
     // Upstream errors count by kind.
     let silent = Upstream::start(Reply::Silent).await;
@@ -362,6 +364,7 @@ async fn sighup_reloads_under_traffic_and_keeps_the_old_config_when_the_new_one_
         "[policy]\nreserved_prefixes = [\"autobk_snapshot_\", \"team_\"]\n",
     )
     .unwrap();
+    some_traffic().await;
     bin.signal("HUP");
     await_sample(
         bin.admin,
@@ -369,6 +372,7 @@ async fn sighup_reloads_under_traffic_and_keeps_the_old_config_when_the_new_one_
         1.0,
     )
     .await;
+    some_traffic().await;
     assert_eq!(
         status_of_team().await,
         StatusCode::BAD_REQUEST,
@@ -380,6 +384,7 @@ async fn sighup_reloads_under_traffic_and_keeps_the_old_config_when_the_new_one_
         "[policy]\nreserved_prefixes = [\"autobk_snapshot_\"]\nnot_a_key = 1\n",
     )
     .unwrap();
+    some_traffic().await;
     bin.signal("HUP");
     await_sample(
         bin.admin,
@@ -387,6 +392,7 @@ async fn sighup_reloads_under_traffic_and_keeps_the_old_config_when_the_new_one_
         1.0,
     )
     .await;
+    some_traffic().await;
     assert_eq!(
         status_of_team().await,
         StatusCode::BAD_REQUEST,
