@@ -5,7 +5,7 @@
 
 use std::fmt::Write;
 
-use http::{HeaderMap, Method};
+use http::{HeaderMap, Method, Uri};
 
 use crate::config::Config;
 use crate::error::Error;
@@ -72,10 +72,9 @@ pub fn evaluate<'c>(
     config: &'c Config,
     method: &Method,
     headers: &HeaderMap,
-    path: &str,
+    target: &Uri,
     body: &[u8],
 ) -> Report<'c> {
-    let path = path.split_once('?').map_or(path, |(path, _)| path);
     let refuse = |route, v: Violation| Report {
         route,
         decision: match config.policy.mode {
@@ -85,7 +84,7 @@ pub fn evaluate<'c>(
         forwarded: (config.policy.mode == Mode::Audit).then(|| body.to_vec()),
         violation: Some(v),
     };
-    let route = match route::classify(&config.routes, method, headers, path) {
+    let route = match route::classify(&config.routes, method, headers, target) {
         Class::Passthrough => {
             return Report {
                 route: None,

@@ -211,6 +211,9 @@ fn run_check(cli: &Cli, method: &str, path: &str, header_args: &[String]) -> Exi
     let Ok(method) = Method::from_bytes(method.to_ascii_uppercase().as_bytes()) else {
         return config_error(&format!("{method:?} is not an HTTP method"));
     };
+    let Ok(target) = path.parse::<http::Uri>() else {
+        return config_error(&format!("{path:?} is not a request target"));
+    };
     let mut headers = HeaderMap::new();
     for arg in header_args {
         let parsed = arg.split_once(':').and_then(|(name, value)| {
@@ -233,7 +236,7 @@ fn run_check(cli: &Cli, method: &str, path: &str, header_args: &[String]) -> Exi
         eprintln!("snapguard: cannot read the body from stdin: {e}");
         return ExitCode::FAILURE;
     }
-    let report = check::evaluate(&config, &method, &headers, path, &body);
+    let report = check::evaluate(&config, &method, &headers, &target, &body);
     print!("{}", report.render(&config));
     if report.allowed() {
         ExitCode::SUCCESS

@@ -127,12 +127,7 @@ impl Proxy {
             bytes_in: &bytes_in,
         };
 
-        let class = route::classify(
-            &rt.config.routes,
-            req.method(),
-            req.headers(),
-            req.uri().path(),
-        );
+        let class = route::classify(&rt.config.routes, req.method(), req.headers(), req.uri());
         let route = match &class {
             Class::Policed { route, .. } => Some(*route),
             _ => None,
