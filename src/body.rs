@@ -14,12 +14,15 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::access::Exchange;
+use crate::conn::InFlight;
 
 #[derive(Debug, Default)]
 pub struct ProxyBody {
     prefix: Option<Bytes>,
     rest: Option<Incoming>,
     tally: Tally,
+    /// Keeps the exchange counted as in flight on its connection until the body is done.
+    in_flight: Option<InFlight>,
 }
 
 /// Where the bytes a body carries are counted.
@@ -59,6 +62,12 @@ impl ProxyBody {
     /// Counts the streamed part of a request body into `counter`.
     pub fn counting_into(mut self, counter: Arc<AtomicU64>) -> Self {
         self.tally = Tally::Request(counter);
+        self
+    }
+
+    /// Counts the exchange as in flight on its connection until this body is dropped.
+    pub fn holding(mut self, in_flight: InFlight) -> Self {
+        self.in_flight = Some(in_flight);
         self
     }
 

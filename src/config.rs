@@ -184,6 +184,9 @@ pub struct Timeouts {
     /// Idle pooled upstream connections are closed after this.
     #[serde(deserialize_with = "duration")]
     pub upstream_idle: Duration,
+    /// A downstream connection with no request in flight for this long is closed.
+    #[serde(deserialize_with = "duration")]
+    pub idle: Duration,
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
@@ -197,6 +200,7 @@ impl Default for Timeouts {
             upstream_connect: Duration::from_secs(5),
             upstream_response: Duration::from_secs(60),
             upstream_idle: Duration::from_secs(90),
+            idle: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
         }
     }

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod body;
 pub mod check;
 pub mod config;
+pub mod conn;
 pub mod error;
 pub mod headers;
 pub mod metrics;

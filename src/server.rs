@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 
 use crate::admin::{self, Readiness};
 use crate::config::{Config, ConfigError};
+use crate::conn::{self, Activity};
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Runtime};
 use crate::upstream::TlsError;
@@ -147,22 +148,34 @@ impl Server {
                 builder = connection_builder(&current.config);
                 runtime = current;
             }
-            let active = metrics.connection();
-            let proxy = proxy.clone();
-            let svc = service_fn(move |req| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
-            });
+            let open = metrics.connection();
+            let activity = Activity::new();
+            let svc = {
+                let (proxy, activity) = (proxy.clone(), activity.clone());
+                service_fn(move |req| {
+                    let (proxy, in_flight) = (proxy.clone(), activity.begin());
+                    async move {
+                        let response = proxy.handle(req, peer).await;
+                        Ok::<_, Infallible>(response.map(|body| body.holding(in_flight)))
+                    }
+                })
+            };
             let conn = graceful.watch(
                 builder
                     .serve_connection(TokioIo::new(stream), svc)
                     .into_owned(),
             );
+            let timeouts = &runtime.config.timeouts;
+            let (first, idle) = (timeouts.request_header, timeouts.idle);
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, %peer, "connection ended with an error");
+                match conn::with_deadlines(conn, &activity, first, idle).await {
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error")
+                    }
+                    Some(Ok(())) => {}
+                    None => tracing::debug!(%peer, "idle connection closed"),
                 }
-                drop((permit, active));
+                drop((permit, open));
             });
         }
 
@@ -189,8 +202,9 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        // hyper runs this timer whenever it waits for a request head, so it also closes idle
-        // keep-alive connections.
+        // hyper runs this timer whenever it waits for a request head, so it also closes
+        // keep-alive connections idle for that long. It starts only once hyper-util has told
+        // HTTP/1 from HTTP/2; `conn::with_deadlines` bounds the time before that.
         .header_read_timeout(config.timeouts.request_header)
         .max_buf_size(config.limits.max_header_bytes);
     builder

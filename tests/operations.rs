@@ -482,3 +482,69 @@ async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
     assert!(!response.starts_with("HTTP/1.1 200"), "{response}");
     assert_eq!(upstream.seen().len(), 1);
 }
+
+/// Reads until the peer closes; `true` if it did within `wait`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+    let mut buf = vec![0u8; 4096];
+    let read_to_end = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(wait, read_to_end).await.is_ok()
+}
+
+#[tokio::test]
+async fn silent_and_idle_connections_are_closed_so_they_cannot_hold_every_slot() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let config =
+        "[timeouts]\nrequest_header = \"300ms\"\nidle = \"500ms\"\n[limits]\nmax_connections = 2\n";
+    let proxy = Proxy::start(&upstream.url(), config).await;
+
+    // A connection that never says anything.
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(5)).await,
+        "a silent connection is closed"
+    );
+
+    // An HTTP/2 connection that opens and then sends no request.
+    let mut h2 = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut h2, Duration::from_secs(5)).await,
+        "an idle h2c connection is closed"
+    );
+
+    // Both slots taken by silent peers: a real request still gets through once they are cut.
+    let _a = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let _b = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let got = tokio::time::timeout(
+        Duration::from_secs(5),
+        send(
+            Version::HTTP_11,
+            "GET",
+            &proxy.url("/v3/p1/volumes"),
+            &[],
+            "",
+        ),
+    )
+    .await
+    .expect("served despite two silent connections at the limit");
+    assert_eq!(got.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_long_response_is_not_cut_by_the_idle_timeout() {
+    let upstream = Upstream::start(Reply::Slow(Duration::from_millis(1200))).await;
+    let proxy = Proxy::start(&upstream.url(), "[timeouts]\nidle = \"300ms\"\n").await;
+    for version in [Version::HTTP_11, Version::HTTP_2] {
+        let got = send(version, "GET", &proxy.url("/v3/p1/volumes"), &[], "").await;
+        assert_eq!(got.status, StatusCode::OK, "{version:?}");
+    }
+}
