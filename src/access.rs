@@ -1,12 +1,12 @@
 //! The access record of one exchange: written to the access log and to the metrics once the
 //! response body has been sent (or abandoned), so its byte counts and duration are whole.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http::{HeaderValue, Method};
 
+use crate::body::Progress;
 use crate::metrics::{method_label, Metrics, RequestLabels};
 
 /// What snapguard did with a request; the `decision` of the access log and metrics.
@@ -52,8 +52,8 @@ pub struct Exchange {
     pub status: u16,
     pub request_id: HeaderValue,
     pub upstream: Option<Duration>,
-    /// Request body bytes received, counted by the request body as it streams.
-    pub bytes_in: Arc<AtomicU64>,
+    /// Request body bytes received, counted as the request body streams or is read.
+    pub bytes_in: Arc<Progress>,
     /// Response body bytes sent, counted by the response body.
     pub bytes_out: u64,
     pub metrics: Arc<Metrics>,
@@ -81,7 +81,7 @@ impl Drop for Exchange {
             decision = self.decision.as_str(),
             rule = self.rule.unwrap_or("-"),
             error = self.error.unwrap_or("-"),
-            bytes_in = self.bytes_in.load(Ordering::Relaxed),
+            bytes_in = self.bytes_in.received(),
             bytes_out = self.bytes_out,
             duration_ms = duration.as_secs_f64() * 1000.0,
             upstream_ms = self.upstream.map_or(-1.0, |d| d.as_secs_f64() * 1000.0),

@@ -9,6 +9,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -30,10 +31,48 @@ pub struct ProxyBody {
 enum Tally {
     #[default]
     None,
-    /// A request body: its bytes, shared with the exchange's record.
-    Request(Arc<AtomicU64>),
+    /// A request body on its way upstream: its progress, shared with the proxy.
+    Request(Arc<Progress>),
     /// A response body: it owns the record, which is written when the body is dropped.
     Response(Box<Exchange>),
+}
+
+/// How far a request body has got: the bytes received from downstream, and when it last moved
+/// on its way upstream (a frame sent, or the body finished).
+#[derive(Debug)]
+pub struct Progress {
+    epoch: Instant,
+    received: AtomicU64,
+    moved_ms: AtomicU64,
+}
+
+impl Progress {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            epoch: Instant::now(),
+            received: AtomicU64::new(0),
+            moved_ms: AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes of request body received from downstream so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    pub fn add_received(&self, n: usize) {
+        self.received.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// When the body last moved towards the upstream.
+    pub fn last_moved(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.moved_ms.load(Ordering::Relaxed))
+    }
+
+    fn moved(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.moved_ms.store(ms, Ordering::Relaxed);
+    }
 }
 
 impl ProxyBody {
@@ -59,9 +98,10 @@ impl ProxyBody {
         }
     }
 
-    /// Counts the streamed part of a request body into `counter`.
-    pub fn counting_into(mut self, counter: Arc<AtomicU64>) -> Self {
-        self.tally = Tally::Request(counter);
+    /// Reports a request body's progress: streamed bytes count as received, and every frame
+    /// sent (and the end of the body) as movement.
+    pub fn tracking(mut self, progress: Arc<Progress>) -> Self {
+        self.tally = Tally::Request(progress);
         self
     }
 
@@ -84,10 +124,21 @@ impl ProxyBody {
     fn count(&mut self, n: usize) {
         match &mut self.tally {
             Tally::None => {}
-            Tally::Request(counter) => {
-                counter.fetch_add(n as u64, Ordering::Relaxed);
+            Tally::Request(progress) => {
+                progress.add_received(n);
+                progress.moved();
             }
             Tally::Response(exchange) => exchange.bytes_out += n as u64,
+        }
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        // A request body sent whole (or abandoned): from now on the upstream's answer is what
+        // is awaited.
+        if let Tally::Request(progress) = self {
+            progress.moved();
         }
     }
 }
@@ -103,8 +154,10 @@ impl Body for ProxyBody {
         let this = self.get_mut();
         if let Some(prefix) = this.prefix.take().filter(|p| !p.is_empty()) {
             // A request prefix was counted by whoever read it; a response prefix is sent here.
-            if let Tally::Response(exchange) = &mut this.tally {
-                exchange.bytes_out += prefix.len() as u64;
+            match &mut this.tally {
+                Tally::None => {}
+                Tally::Request(progress) => progress.moved(),
+                Tally::Response(exchange) => exchange.bytes_out += prefix.len() as u64,
             }
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
         }

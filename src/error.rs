@@ -24,6 +24,8 @@ pub enum Error {
     BodyTimeout(Duration),
     #[error("request body could not be read: {0}")]
     BodyRead(#[source] hyper::Error),
+    #[error("request body broke off while being forwarded: {0}")]
+    DownstreamBody(#[source] hyper_util::client::legacy::Error),
     #[error("request target {0:?} cannot be forwarded")]
     BadTarget(String),
     #[error("method {0} is not proxied")]
@@ -47,7 +49,9 @@ impl Error {
                 _ => StatusCode::BAD_REQUEST,
             },
             Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::BodyRead(_) | Self::BadTarget(_) => StatusCode::BAD_REQUEST,
+            Self::BodyRead(_) | Self::DownstreamBody(_) | Self::BadTarget(_) => {
+                StatusCode::BAD_REQUEST
+            }
             Self::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::UpstreamConnect(_) | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -60,6 +64,7 @@ impl Error {
             Self::Policy(v) => v.rule(),
             Self::BodyTimeout(_) => "body_timeout",
             Self::BodyRead(_) => "body_read",
+            Self::DownstreamBody(_) => "downstream_body",
             Self::BadTarget(_) => "bad_target",
             Self::Method(_) => "method",
             Self::UpstreamConnect(_) => "connect",
@@ -73,7 +78,10 @@ impl Error {
     pub fn closes_connection(&self) -> bool {
         matches!(
             self,
-            Self::Policy(Violation::BodyTooLarge { .. }) | Self::BodyTimeout(_) | Self::BodyRead(_)
+            Self::Policy(Violation::BodyTooLarge { .. })
+                | Self::BodyTimeout(_)
+                | Self::BodyRead(_)
+                | Self::DownstreamBody(_)
         )
     }
 
@@ -85,7 +93,9 @@ impl Error {
                 "The request body was not received within {} s.",
                 d.as_secs_f64()
             ),
-            Self::BodyRead(_) => "The request body could not be read.".to_owned(),
+            Self::BodyRead(_) | Self::DownstreamBody(_) => {
+                "The request body could not be read.".to_owned()
+            }
             Self::BadTarget(_) => "The request target cannot be forwarded.".to_owned(),
             Self::Method(m) => format!("The method {m} is not supported by this proxy."),
             Self::UpstreamConnect(_) | Self::Upstream(_) => {
@@ -161,33 +171,38 @@ mod tests {
                 Error::from(Violation::MissingRoot("snapshot".into())),
                 400,
                 "badRequest",
+                "Missing required element 'snapshot' in request body.",
             ),
             (
                 Error::from(Violation::BodyTooLarge { limit: 1 }),
                 413,
                 "overLimit",
+                "Request body is larger than 1 bytes.",
             ),
             (
                 Error::from(Violation::ContentType("text/plain".into())),
                 415,
                 "badMediaType",
+                "Unsupported Content-Type \"text/plain\": a policed body must be JSON in UTF-8.",
             ),
             (
                 Error::UpstreamTimeout(Duration::from_secs(1)),
                 504,
                 "computeFault",
+                "The block storage service did not respond in time.",
             ),
             (
                 Error::BodyTimeout(Duration::from_secs(1)),
                 408,
                 "computeFault",
+                "The request body was not received within 1 s.",
             ),
         ];
-        for (e, code, name) in cases {
+        for (e, code, name, message) in cases {
             let (status, body) = render(&e, ErrorStyle::Openstack).await;
             assert_eq!(status.as_u16(), code);
             assert_eq!(body[name]["code"], code, "{body}");
-            assert_eq!(body[name]["message"], e.public_message());
+            assert_eq!(body[name]["message"], message);
         }
     }
 

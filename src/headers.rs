@@ -49,30 +49,38 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Appends the downstream peer to X-Forwarded-For, and sets X-Forwarded-Proto and
 /// X-Forwarded-Host to what this hop saw (client-sent values of those two are not trusted).
+/// Headers for which `untouchable` holds (covered by a request signature) are left alone.
 pub fn add_forwarded(
     headers: &mut HeaderMap,
     peer: IpAddr,
     proto: &'static str,
     host: Option<HeaderValue>,
+    untouchable: impl Fn(&HeaderName) -> bool,
 ) {
-    let prior: Vec<&[u8]> = headers
-        .get_all(&X_FORWARDED_FOR)
-        .iter()
-        .map(HeaderValue::as_bytes)
-        .collect();
-    let mut chain = prior.join(&b", "[..]);
-    if !chain.is_empty() {
-        chain.extend_from_slice(b", ");
+    if !untouchable(&X_FORWARDED_FOR) {
+        let prior: Vec<&[u8]> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        let mut chain = prior.join(&b", "[..]);
+        if !chain.is_empty() {
+            chain.extend_from_slice(b", ");
+        }
+        chain.extend_from_slice(peer.to_string().as_bytes());
+        if let Ok(value) = HeaderValue::from_bytes(&chain) {
+            headers.insert(X_FORWARDED_FOR, value);
+        }
     }
-    chain.extend_from_slice(peer.to_string().as_bytes());
-    if let Ok(value) = HeaderValue::from_bytes(&chain) {
-        headers.insert(X_FORWARDED_FOR, value);
+    if !untouchable(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    match host {
-        Some(host) => headers.insert(X_FORWARDED_HOST, host),
-        None => headers.remove(X_FORWARDED_HOST),
-    };
+    if !untouchable(&X_FORWARDED_HOST) {
+        match host {
+            Some(host) => headers.insert(X_FORWARDED_HOST, host),
+            None => headers.remove(X_FORWARDED_HOST),
+        };
+    }
 }
 
 /// Hands out request ids: the downstream's own when it is sane, else a fresh one.
@@ -160,14 +168,27 @@ mod tests {
             "127.0.0.1".parse().unwrap(),
             "http",
             Some(HeaderValue::from_static("api:8080")),
+            |_| false,
         );
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api:8080");
         let mut h = HeaderMap::new();
-        add_forwarded(&mut h, "::1".parse().unwrap(), "http", None);
+        add_forwarded(&mut h, "::1".parse().unwrap(), "http", None, |_| false);
         assert_eq!(h["x-forwarded-for"], "::1");
         assert!(h.get("x-forwarded-host").is_none());
+
+        // Signed headers stay as they came.
+        let mut h = map(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-host", "signed"),
+        ]);
+        add_forwarded(&mut h, "::1".parse().unwrap(), "http", None, |n| {
+            n != X_FORWARDED_PROTO
+        });
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1");
+        assert_eq!(h["x-forwarded-host"], "signed");
+        assert_eq!(h["x-forwarded-proto"], "http");
     }
 
     #[test]

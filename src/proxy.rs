@@ -6,13 +6,12 @@
 //! [`Error::render`]; every exchange leaves one [`Exchange`] record.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Request, Response, Uri, Version};
 use http_body_util::BodyExt;
@@ -20,7 +19,7 @@ use hyper::body::{Body, Incoming};
 
 pub use crate::access::Decision;
 use crate::access::Exchange;
-use crate::body::ProxyBody;
+use crate::body::{Progress, ProxyBody};
 use crate::config::Config;
 use crate::error::Error;
 use crate::headers::{add_forwarded, strip_hop_by_hop, RequestIds, X_REQUEST_ID};
@@ -78,7 +77,7 @@ struct Context<'r> {
     rt: &'r Runtime,
     peer: SocketAddr,
     id: &'r HeaderValue,
-    bytes_in: &'r Arc<AtomicU64>,
+    progress: &'r Arc<Progress>,
 }
 
 /// The proxy service, shared by every connection.
@@ -119,12 +118,12 @@ impl Proxy {
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let http1 = req.version() < Version::HTTP_2;
-        let bytes_in = Arc::new(AtomicU64::new(0));
+        let progress = Progress::new();
         let cx = Context {
             rt: &rt,
             peer,
             id: &request_id,
-            bytes_in: &bytes_in,
+            progress: &progress,
         };
 
         let class = route::classify(&rt.config.routes, req.method(), req.headers(), req.uri());
@@ -138,13 +137,13 @@ impl Proxy {
             }
             Class::Passthrough => {
                 let (parts, body) = req.into_parts();
-                let body = ProxyBody::stream(body).counting_into(bytes_in.clone());
+                let body = ProxyBody::stream(body);
                 self.forward(&cx, parts, body, Decision::Passthrough, None)
                     .await
             }
             Class::Ambiguous => {
                 let (parts, body) = req.into_parts();
-                let body = ProxyBody::stream(body).counting_into(bytes_in.clone());
+                let body = ProxyBody::stream(body);
                 self.violation(&cx, Violation::AmbiguousPath, parts, body)
                     .await
             }
@@ -186,7 +185,7 @@ impl Proxy {
             status: response.status().as_u16(),
             request_id,
             upstream: outcome.upstream,
-            bytes_in,
+            bytes_in: progress,
             bytes_out: 0,
             metrics: self.metrics.clone(),
         });
@@ -212,14 +211,14 @@ impl Proxy {
             }
         });
         if let Err(v) = early {
-            let body = ProxyBody::stream(body).counting_into(cx.bytes_in.clone());
+            let body = ProxyBody::stream(body);
             return self.violation(cx, v, parts, body).await;
         }
 
         let limit = cx.rt.config.timeouts.request_body;
         let read = tokio::time::timeout(
             limit,
-            read_bounded(body, policy.max_body_bytes, cx.bytes_in),
+            read_bounded(body, policy.max_body_bytes, cx.progress),
         )
         .await;
         let bytes = match read {
@@ -229,7 +228,7 @@ impl Proxy {
                 let v = Violation::BodyTooLarge {
                     limit: policy.max_body_bytes,
                 };
-                let body = ProxyBody::prefixed(prefix, rest).counting_into(cx.bytes_in.clone());
+                let body = ProxyBody::prefixed(prefix, rest);
                 return self.violation(cx, v, parts, body).await;
             }
             Ok(Ok(Read::Whole(bytes))) => bytes,
@@ -305,13 +304,24 @@ impl Proxy {
         let Some(uri) = uri else {
             return Outcome::refused(Error::BadTarget(parts.uri.to_string()));
         };
+        // An absolute-form target's authority wins over Host (RFC 9112 section 3.2.2); HTTP/2
+        // carries the host only there, as :authority.
+        let downstream_host = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .or_else(|| parts.headers.get(header::HOST).cloned());
         parts.uri = uri;
 
-        let downstream_host = parts.headers.get(header::HOST).cloned();
+        // Headers a request signature covers reach the upstream as they came.
+        let signed = policy::signed_headers(&parts.headers);
+        let untouchable = |name: &HeaderName| signed.as_ref().is_some_and(|s| s.covers(name));
         strip_hop_by_hop(&mut parts.headers);
-        // hyper already answered any `Expect: 100-continue` downstream when the body was polled;
-        // the client sends the body at once, so the expectation must not travel further.
-        parts.headers.remove(header::EXPECT);
+        if !untouchable(&header::EXPECT) {
+            // hyper already answered any `Expect: 100-continue` downstream when the body was
+            // polled; the client sends the body at once, so the expectation must not go on.
+            parts.headers.remove(header::EXPECT);
+        }
         // hyper's client sends a GET or HEAD body of unknown length as no body at all unless
         // the request says it is chunked; passthrough means the body arrives whatever the method.
         if body.size_hint().exact().is_none() && !parts.headers.contains_key(header::CONTENT_LENGTH)
@@ -321,31 +331,53 @@ impl Proxy {
                 HeaderValue::from_static("chunked"),
             );
         }
-        let host = match (&downstream_host, upstream.preserve_host) {
-            (Some(host), true) => host.clone(),
+        let host = match &downstream_host {
+            Some(host) if upstream.preserve_host || untouchable(&header::HOST) => host.clone(),
             _ => rt.upstream_host.clone(),
         };
         parts.headers.insert(header::HOST, host);
         if rt.config.forwarding.x_forwarded {
-            add_forwarded(&mut parts.headers, cx.peer.ip(), "http", downstream_host);
+            add_forwarded(
+                &mut parts.headers,
+                cx.peer.ip(),
+                "http",
+                downstream_host,
+                untouchable,
+            );
         }
-        parts.headers.insert(X_REQUEST_ID, cx.id.clone());
+        if !untouchable(&X_REQUEST_ID) {
+            parts.headers.insert(X_REQUEST_ID, cx.id.clone());
+        }
         parts.version = Version::HTTP_11;
 
+        // The upstream has `upstream_response` to answer once the request body is sent, and the
+        // body may not stall for longer than that on its way.
         let limit = rt.config.timeouts.upstream_response;
+        let body = body.tracking(cx.progress.clone());
         let sent = Instant::now();
-        let result =
-            match tokio::time::timeout(limit, rt.client.request(Request::from_parts(parts, body)))
-                .await
-            {
-                Err(_) => Err(Error::UpstreamTimeout(limit)),
-                Ok(Err(e)) if e.is_connect() => Err(Error::UpstreamConnect(e)),
-                Ok(Err(e)) => Err(Error::Upstream(e)),
-                Ok(Ok(response)) => Ok(response),
-            };
+        let response = rt.client.request(Request::from_parts(parts, body));
+        tokio::pin!(response);
+        let result = loop {
+            let deadline =
+                tokio::time::Instant::from_std(cx.progress.last_moved().max(sent) + limit);
+            tokio::select! {
+                result = &mut response => break match result {
+                    Ok(response) => Ok(response),
+                    Err(e) if e.is_connect() => Err(Error::UpstreamConnect(e)),
+                    Err(e) if downstream_fault(&e) => Err(Error::DownstreamBody(e)),
+                    Err(e) => Err(Error::Upstream(e)),
+                },
+                () = tokio::time::sleep_until(deadline) => {
+                    if cx.progress.last_moved().max(sent) + limit <= Instant::now() {
+                        break Err(Error::UpstreamTimeout(limit));
+                    }
+                }
+            }
+        };
         let took = sent.elapsed();
         match &result {
             Ok(_) => self.metrics.upstream(took),
+            Err(Error::DownstreamBody(_)) => {}
             Err(e) => self.metrics.upstream_error(e.kind()),
         }
         Outcome {
@@ -355,6 +387,14 @@ impl Proxy {
             upstream: Some(took),
         }
     }
+}
+
+/// Whether a failed upstream exchange failed on the downstream's side: its request body
+/// broke off (the client went away, or sent a malformed chunk) while being sent on.
+fn downstream_fault(e: &hyper_util::client::legacy::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|source| source.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_user)
 }
 
 /// A policed body, read up to its limit.
@@ -368,7 +408,7 @@ enum Read {
 async fn read_bounded(
     mut body: Incoming,
     max: usize,
-    received: &AtomicU64,
+    progress: &Progress,
 ) -> Result<Read, hyper::Error> {
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
@@ -376,7 +416,7 @@ async fn read_bounded(
         let Ok(data) = frame?.into_data() else {
             continue;
         };
-        received.fetch_add(data.len() as u64, Ordering::Relaxed);
+        progress.add_received(data.len());
         buf.extend_from_slice(&data);
         if buf.len() > max {
             return Ok(Read::TooLarge(buf.freeze(), body));

@@ -17,7 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::admin::{self, Readiness};
 use crate::config::{Config, ConfigError};
@@ -79,6 +79,7 @@ impl Server {
                 proxy,
                 slots: Arc::new(Semaphore::new(max_connections)),
                 max_connections: Arc::new(AtomicUsize::new(max_connections)),
+                resized: Arc::new(Notify::new()),
                 addresses,
             },
             ready: Readiness::default(),
@@ -121,14 +122,28 @@ impl Server {
         tracing::info!(listen = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
             upstream = %runtime.config.upstream.url, "snapguard serving");
 
+        // The semaphore's size, reconciled here (and only here) with the configured limit.
+        let mut capacity = handle.max_connections.load(Ordering::Acquire);
         loop {
+            let limit = handle.max_connections.load(Ordering::Acquire);
+            if limit > capacity {
+                handle.slots.add_permits(limit - capacity);
+                capacity = limit;
+            }
             let permit = tokio::select! {
                 permit = handle.slots.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => break,
                 },
+                () = handle.resized.notified() => continue,
                 () = &mut shutdown => break,
             };
+            if limit < capacity {
+                // Shrinking: retire a free slot instead of serving with it.
+                permit.forget();
+                capacity -= 1;
+                continue;
+            }
             let (stream, peer) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -220,6 +235,8 @@ pub struct Handle {
     proxy: Arc<Proxy>,
     slots: Arc<Semaphore>,
     max_connections: Arc<AtomicUsize>,
+    /// Wakes the accept loop to apply a new connection limit.
+    resized: Arc<Notify>,
     /// The configured listen and admin addresses, which only a restart changes.
     addresses: (SocketAddr, SocketAddr),
 }
@@ -254,20 +271,11 @@ impl Handle {
         Ok(())
     }
 
-    /// Grows or shrinks the connection limit. Shrinking waits for connections to end.
+    /// Sets the connection limit; the accept loop grows or shrinks to it (shrinking as
+    /// connections end).
     fn resize(&self, max: usize) {
-        let old = self.max_connections.swap(max, Ordering::AcqRel);
-        if max > old {
-            self.slots.add_permits(max - old);
-        } else if max < old {
-            let slots = self.slots.clone();
-            let excess = u32::try_from(old - max).unwrap_or(u32::MAX);
-            tokio::spawn(async move {
-                if let Ok(permits) = slots.acquire_many_owned(excess).await {
-                    permits.forget();
-                }
-            });
-        }
+        self.max_connections.store(max, Ordering::Release);
+        self.resized.notify_one();
     }
 }
 

@@ -6,7 +6,9 @@
 mod support;
 
 use std::sync::Arc;
+
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use bytes::Bytes;
 use http::{StatusCode, Version};
@@ -376,20 +378,24 @@ async fn signed_requests_are_policed_but_forwarded_byte_for_byte() {
         "SDK-HMAC-SHA256 Access=AK, SignedHeaders=content-type;host;x-sdk-date, Signature=abc",
     );
     let body = r#"{"snapshot": {"display_name": "new"}}"#;
-    let got = send(
-        Version::HTTP_11,
-        "PUT",
-        &proxy.url(UPDATE),
-        &[auth, ("content-type", "application/json")],
-        body,
-    )
-    .await;
+    let headers = [
+        auth,
+        ("content-type", "application/json"),
+        ("x-sdk-date", "20261126T000000Z"),
+    ];
+    let got = send(Version::HTTP_11, "PUT", &proxy.url(UPDATE), &headers, body).await;
     assert_eq!(got.status, StatusCode::OK);
+    let seen = upstream.only();
     assert_eq!(
-        upstream.only().body,
+        seen.body,
         body.as_bytes(),
         "a signed body is never normalized"
     );
+    // Every signed header arrives as sent: Host too, although preserve_host is off.
+    assert_eq!(seen.headers["host"], proxy.addr.to_string().as_str());
+    assert_eq!(seen.headers["content-type"], "application/json");
+    assert_eq!(seen.headers["x-sdk-date"], "20261126T000000Z");
+    assert_eq!(seen.headers["authorization"], auth.1);
 
     let got = send(
         Version::HTTP_11,
@@ -512,11 +518,11 @@ async fn an_https_upstream_is_verified_against_the_configured_ca() {
     // Without the CA the certificate is not trusted: 502, and nothing is sent.
     let mut config = snapguard::Config::default();
     config.upstream.url = url.parse().unwrap();
-    let proxy = match snapguard::Server::bind(config.clone()).await {
+    if let Err(e) = snapguard::proxy::Runtime::new(config.clone()) {
         // On a machine without system roots, refusing to start is the same verdict.
-        Err(e) => return assert!(e.to_string().contains("root"), "{e}"),
-        Ok(_) => Proxy::start_config(config).await,
-    };
+        return assert!(e.to_string().contains("root"), "{e}");
+    }
+    let proxy = Proxy::start_config(config).await;
     let got = send(
         Version::HTTP_11,
         "GET",
@@ -527,4 +533,98 @@ async fn an_https_upstream_is_verified_against_the_configured_ca() {
     .await;
     assert_eq!(got.status, StatusCode::BAD_GATEWAY);
     assert_eq!(upstream.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn signed_headers_are_never_rewritten() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(&upstream.url(), "").await;
+    let auth =
+        "SDK-HMAC-SHA256 Access=AK, SignedHeaders=host;x-request-id;x-forwarded-for, Signature=abc";
+    let headers = [
+        ("authorization", auth),
+        ("x-request-id", "not a sane id"),
+        ("x-forwarded-for", "10.1.1.1"),
+    ];
+    let got = send(
+        Version::HTTP_11,
+        "GET",
+        &proxy.url("/v3/p1/volumes"),
+        &headers,
+        "",
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    let seen = upstream.only();
+    assert_eq!(seen.headers["host"], proxy.addr.to_string().as_str());
+    assert_eq!(seen.headers["x-request-id"], "not a sane id");
+    assert_eq!(seen.headers["x-forwarded-for"], "10.1.1.1");
+    assert_eq!(
+        seen.headers["x-forwarded-proto"], "http",
+        "unsigned headers are still set"
+    );
+}
+
+#[tokio::test]
+async fn the_http2_authority_is_the_downstream_host() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(&upstream.url(), "[upstream]\npreserve_host = true\n").await;
+    let got = send(
+        Version::HTTP_2,
+        "GET",
+        &proxy.url("/v3/p1/volumes"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    let seen = upstream.only();
+    assert_eq!(seen.headers["host"], proxy.addr.to_string().as_str());
+    assert_eq!(
+        seen.headers["x-forwarded-host"],
+        proxy.addr.to_string().as_str()
+    );
+}
+
+#[tokio::test]
+async fn the_upstream_deadline_starts_once_the_body_is_sent() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(&upstream.url(), FAST_TIMEOUTS).await;
+    // A body trickled over 1.5 s, three times the 500 ms upstream deadline, but never idle
+    // for as long as the deadline.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(190)).await;
+            if tx.send(Bytes::from_static(b"0123456789")).await.is_err() {
+                return;
+            }
+        }
+    });
+    let url = proxy.url("/v3/p1/volumes/v1/action");
+    let got = send_body(Version::HTTP_11, "POST", &url, &[], TestBody::Channel(rx)).await;
+    assert_eq!(got.status, StatusCode::OK, "{:?}", got.body);
+    assert_eq!(upstream.only().body.len(), 80);
+}
+
+#[tokio::test]
+async fn a_body_that_breaks_off_is_the_downstream_fault() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(&upstream.url(), "").await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"POST /v3/p1/volumes/v1/action HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nonly this")
+        .await
+        .unwrap();
+    stream.shutdown().await.unwrap();
+    let mut response = String::new();
+    let _ =
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await;
+    assert!(
+        !response.starts_with("HTTP/1.1 502"),
+        "not blamed on the upstream: {response}"
+    );
+    let metrics = support::admin_get(proxy.admin, "/metrics").await;
+    let text = String::from_utf8_lossy(&metrics.body);
+    assert!(!text.contains("snapguard_upstream_errors_total{"), "{text}");
 }

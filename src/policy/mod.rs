@@ -9,7 +9,7 @@ pub mod media;
 
 use std::borrow::Cow;
 
-use http::{header, HeaderMap, HeaderValue};
+use http::{header, HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use crate::config::PolicyConfig;
@@ -164,14 +164,61 @@ pub fn check_headers(headers: &HeaderMap) -> Result<(), Violation> {
     check_content_type(values(header::CONTENT_TYPE))
 }
 
+/// The scheme of Huawei's AK/SK request signatures.
+const SIGNATURE_SCHEME: &[u8] = b"SDK-HMAC-SHA256";
+
 /// Whether the request carries a Huawei AK/SK signature (`Authorization: SDK-HMAC-SHA256 ...`),
 /// which covers the body's hash: such a body must reach the upstream byte for byte.
 pub fn is_signed(headers: &HeaderMap) -> bool {
-    const SCHEME: &[u8] = b"SDK-HMAC-SHA256";
     headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().get(..SCHEME.len()))
-        .is_some_and(|s| s.eq_ignore_ascii_case(SCHEME))
+        .and_then(|v| v.as_bytes().get(..SIGNATURE_SCHEME.len()))
+        .is_some_and(|s| s.eq_ignore_ascii_case(SIGNATURE_SCHEME))
+}
+
+/// The headers an AK/SK signature covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignedHeaders {
+    /// As listed in its `SignedHeaders=a;b;c`.
+    Listed(Vec<HeaderName>),
+    /// A signature whose list cannot be read: every header counts as signed.
+    All,
+}
+
+impl SignedHeaders {
+    pub fn covers(&self, name: &HeaderName) -> bool {
+        match self {
+            Self::Listed(names) => names.contains(name),
+            Self::All => true,
+        }
+    }
+}
+
+/// The headers covered by the request's AK/SK signature, `None` for an unsigned request.
+pub fn signed_headers(headers: &HeaderMap) -> Option<SignedHeaders> {
+    if !is_signed(headers) {
+        return None;
+    }
+    let listed = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v[SIGNATURE_SCHEME.len()..].split(',').find_map(|param| {
+                let (key, value) = param.split_once('=')?;
+                key.trim()
+                    .eq_ignore_ascii_case("SignedHeaders")
+                    .then_some(value)
+            })
+        })
+        .map(|list| {
+            list.split(';')
+                .map(|name| HeaderName::from_bytes(name.trim().as_bytes()))
+                .collect::<Result<Vec<_>, _>>()
+        });
+    Some(match listed {
+        Some(Ok(names)) => SignedHeaders::Listed(names),
+        _ => SignedHeaders::All,
+    })
 }
 
 /// Polices a whole body under `route`. With `may_normalize` false (signed requests) an allowed
@@ -377,6 +424,36 @@ mod tests {
             ),
             Err("reserved_prefix")
         );
+    }
+
+    #[test]
+    fn signed_headers_are_read_from_the_authorization() {
+        let with = |auth: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, auth.parse().unwrap());
+            signed_headers(&h)
+        };
+        let listed = with(
+            "SDK-HMAC-SHA256 Access=AK, SignedHeaders=content-type;Host;x-sdk-date, Signature=ab",
+        );
+        assert_eq!(
+            listed,
+            Some(SignedHeaders::Listed(vec![
+                header::CONTENT_TYPE,
+                header::HOST,
+                HeaderName::from_static("x-sdk-date")
+            ]))
+        );
+        assert_eq!(
+            with("sdk-hmac-sha256 Access=AK, Signature=ab"),
+            Some(SignedHeaders::All)
+        );
+        assert_eq!(
+            with("SDK-HMAC-SHA256 SignedHeaders=host;bad header"),
+            Some(SignedHeaders::All)
+        );
+        assert_eq!(with("Bearer token"), None);
+        assert!(SignedHeaders::All.covers(&header::HOST));
     }
 
     #[test]
