@@ -1,6 +1,7 @@
 //! The access record of one exchange: written to the access log and to the metrics once the
 //! response body has been sent (or abandoned), so its byte counts and duration are whole.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,8 @@ pub enum Decision {
     Rejected,
     /// A violation forwarded anyway, in audit mode.
     Audit,
+    /// A reserved name allowed for an exempt project.
+    Exempt,
 }
 
 impl Decision {
@@ -32,6 +35,7 @@ impl Decision {
             Self::Normalized => "normalized",
             Self::Rejected => "rejected",
             Self::Audit => "audit",
+            Self::Exempt => "exempt",
         }
     }
 }
@@ -46,7 +50,7 @@ pub struct Exchange {
     pub route: Option<Arc<str>>,
     pub decision: Decision,
     /// The policy rule violated, if any.
-    pub rule: Option<&'static str>,
+    pub rule: Option<Cow<'static, str>>,
     /// Why no upstream response was relayed, if so (`Error::kind`).
     pub error: Option<&'static str>,
     pub status: u16,
@@ -79,7 +83,7 @@ impl Drop for Exchange {
             status = self.status,
             route = %route,
             decision = self.decision.as_str(),
-            rule = self.rule.unwrap_or("-"),
+            rule = self.rule.as_deref().unwrap_or("-"),
             error = self.error.unwrap_or("-"),
             bytes_in = self.bytes_in.received(),
             bytes_out = self.bytes_out,

@@ -9,7 +9,7 @@ use http::{HeaderMap, Method, Uri};
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::policy::{self, Mode, Verdict, Violation};
+use crate::policy::{self, Mode, Target, Verdict, Violation};
 use crate::proxy::Decision;
 use crate::route::{self, Class, ErrorStyle, Route};
 
@@ -52,6 +52,8 @@ impl Report<'_> {
                     "response body: {}",
                     error.document(style, &config.errors)
                 );
+            } else if self.decision == Decision::Exempt {
+                let _ = writeln!(out, "allowed: the project is exempt from this rule");
             } else {
                 let _ = writeln!(
                     out,
@@ -84,7 +86,7 @@ pub fn evaluate<'c>(
         forwarded: (config.policy.mode == Mode::Audit).then(|| body.to_vec()),
         violation: Some(v),
     };
-    let route = match route::classify(&config.routes, method, headers, target) {
+    let (route, project) = match route::classify(&config.routes, method, headers, target) {
         Class::Passthrough => {
             return Report {
                 route: None,
@@ -94,24 +96,32 @@ pub fn evaluate<'c>(
             }
         }
         Class::Ambiguous => return refuse(None, Violation::AmbiguousPath),
-        Class::Policed { route, .. } => route,
+        Class::Policed { route, project_id } => (route, project_id),
     };
-    let verdict = policy::check_headers(headers).and_then(|()| {
-        policy::check_body(route, &config.policy, body, !policy::is_signed(headers))
+    let target = Target {
+        route,
+        project: project.as_deref(),
+    };
+    let checked = policy::check_headers(headers).and_then(|()| {
+        let may_normalize = !policy::is_signed(headers);
+        policy::check_body(target, &config.policy, &config.rules, body, may_normalize)
     });
-    match verdict {
-        Ok(Verdict::Unchanged) => Report {
-            route: Some(route),
-            decision: Decision::Allowed,
-            violation: None,
-            forwarded: Some(body.to_vec()),
+    let allowed = match checked {
+        Ok(allowed) => allowed,
+        Err(v) => return refuse(Some(route), v),
+    };
+    let (decision, forwarded) = match allowed.body {
+        Verdict::Unchanged => (Decision::Allowed, body.to_vec()),
+        Verdict::Normalized(normalized) => (Decision::Normalized, normalized),
+    };
+    Report {
+        route: Some(route),
+        decision: if allowed.exempted.is_some() {
+            Decision::Exempt
+        } else {
+            decision
         },
-        Ok(Verdict::Normalized(normalized)) => Report {
-            route: Some(route),
-            decision: Decision::Normalized,
-            violation: None,
-            forwarded: Some(normalized),
-        },
-        Err(v) => refuse(Some(route), v),
+        violation: allowed.exempted,
+        forwarded: Some(forwarded),
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::policy::Mode;
+use crate::policy::{Mode, Rule};
 use crate::route::Route;
 
 /// The whole configuration, as written in `config/snapguard.toml`.
@@ -34,6 +34,8 @@ pub struct Config {
     /// The policed routes. When present in a file it replaces the built-in table whole.
     #[serde(default = "crate::route::default_routes")]
     pub routes: Vec<Route>,
+    /// Naming rules of the organisation's own, checked after the built-in ones.
+    pub rules: Vec<Rule>,
 }
 
 impl Default for Config {
@@ -49,6 +51,7 @@ impl Default for Config {
             log: LogConfig::default(),
             errors: ErrorsConfig::default(),
             routes: crate::route::default_routes(),
+            rules: Vec::new(),
         }
     }
 }
@@ -138,6 +141,9 @@ pub struct PolicyConfig {
     pub max_field_bytes: usize,
     pub reserved_prefixes: Vec<String>,
     pub case_insensitive_prefixes: bool,
+    /// Projects allowed to use the reserved prefixes (a backup service); logged and counted as
+    /// `decision="exempt"`.
+    pub reserved_prefix_exempt_projects: Vec<String>,
 }
 
 impl Default for PolicyConfig {
@@ -148,6 +154,7 @@ impl Default for PolicyConfig {
             max_field_bytes: 255,
             reserved_prefixes: vec!["autobk_snapshot_".to_owned()],
             case_insensitive_prefixes: false,
+            reserved_prefix_exempt_projects: Vec::new(),
         }
     }
 }
@@ -337,6 +344,30 @@ impl Config {
                 "log.level",
                 &format!("{:?} is not a log filter: {e}", self.log.level),
             );
+        }
+        let mut names: Vec<&str> = Vec::new();
+        for rule in &self.rules {
+            if names.contains(&&*rule.name) || rule.name.as_ref() == "reserved_prefix" {
+                return Err(ConfigError::Invalid {
+                    key: "rules",
+                    reason: format!(
+                        "rule name '{}' is used twice (reserved_prefix is built in)",
+                        rule.name
+                    ),
+                });
+            }
+            names.push(&rule.name);
+            for template in rule.routes.iter().flatten() {
+                if !self.routes.iter().any(|r| *r.template == **template) {
+                    return Err(ConfigError::Invalid {
+                        key: "rules",
+                        reason: format!(
+                            "rule '{}': {template} is not a route of the table",
+                            rule.name
+                        ),
+                    });
+                }
+            }
         }
         if self.listen == self.admin {
             return invalid("admin", "must differ from listen");

@@ -61,7 +61,7 @@ impl Error {
     /// A stable, low-cardinality name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::Policy(v) => v.rule(),
+            Self::Policy(v) => v.kind(),
             Self::BodyTimeout(_) => "body_timeout",
             Self::BodyRead(_) => "body_read",
             Self::DownstreamBody(_) => "downstream_body",

@@ -26,7 +26,7 @@ pub struct RequestLabels {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ViolationLabels {
-    rule: &'static str,
+    rule: String,
     field: String,
 }
 
@@ -127,9 +127,9 @@ impl Metrics {
         self.request_duration.observe(duration.as_secs_f64());
     }
 
-    pub fn violation(&self, rule: &'static str, field: Option<&str>) {
+    pub fn violation(&self, rule: &str, field: Option<&str>) {
         let labels = ViolationLabels {
-            rule,
+            rule: rule.to_owned(),
             field: field.unwrap_or("").to_owned(),
         };
         self.violations.get_or_create(&labels).inc();

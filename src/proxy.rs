@@ -5,6 +5,7 @@
 //! body read under a deadline, then the pure policy decides. Every failure leaves through
 //! [`Error::render`]; every exchange leaves one [`Exchange`] record.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +25,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::headers::{add_forwarded, strip_hop_by_hop, RequestIds, X_REQUEST_ID};
 use crate::metrics::Metrics;
-use crate::policy::{self, Mode, Verdict, Violation};
+use crate::policy::{self, Mode, Target, Verdict, Violation};
 use crate::route::{self, Class, ErrorStyle, Route};
 use crate::upstream::{self, TlsError, UpstreamClient};
 
@@ -54,7 +55,7 @@ struct Outcome {
     result: Result<Response<Incoming>, Error>,
     decision: Decision,
     /// The policy rule violated, if any (also in audit mode, where the request is forwarded).
-    rule: Option<&'static str>,
+    rule: Option<Cow<'static, str>>,
     upstream: Option<Duration>,
 }
 
@@ -147,7 +148,9 @@ impl Proxy {
                 self.violation(&cx, Violation::AmbiguousPath, parts, body)
                     .await
             }
-            Class::Policed { route, .. } => self.police(&cx, req, route).await,
+            Class::Policed { route, project_id } => {
+                self.police(&cx, req, route, project_id.as_deref()).await
+            }
         };
 
         let error = outcome.result.as_ref().err().map(Error::kind);
@@ -193,7 +196,13 @@ impl Proxy {
     }
 
     /// Polices a request on `route`, then forwards what the policy allows.
-    async fn police(&self, cx: &Context<'_>, req: Request<Incoming>, route: &Route) -> Outcome {
+    async fn police(
+        &self,
+        cx: &Context<'_>,
+        req: Request<Incoming>,
+        route: &Route,
+        project: Option<&str>,
+    ) -> Outcome {
         let policy = &cx.rt.config.policy;
         let (mut parts, body) = req.into_parts();
 
@@ -234,21 +243,38 @@ impl Proxy {
             Ok(Ok(Read::Whole(bytes))) => bytes,
         };
 
-        match policy::check_body(route, policy, &bytes, !policy::is_signed(&parts.headers)) {
-            Ok(Verdict::Unchanged) => {
-                self.forward(cx, parts, ProxyBody::full(bytes), Decision::Allowed, None)
-                    .await
-            }
-            Ok(Verdict::Normalized(body)) => {
+        let target = Target { route, project };
+        let may_normalize = !policy::is_signed(&parts.headers);
+        let rules = &cx.rt.config.rules;
+        let allowed = match policy::check_body(target, policy, rules, &bytes, may_normalize) {
+            Ok(allowed) => allowed,
+            Err(v) => return self.violation(cx, v, parts, ProxyBody::full(bytes)).await,
+        };
+        let (body, decision) = match allowed.body {
+            Verdict::Unchanged => (bytes, Decision::Allowed),
+            Verdict::Normalized(body) => {
                 parts
                     .headers
                     .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-                let body = ProxyBody::full(Bytes::from(body));
-                self.forward(cx, parts, body, Decision::Normalized, None)
-                    .await
+                (Bytes::from(body), Decision::Normalized)
             }
-            Err(v) => self.violation(cx, v, parts, ProxyBody::full(bytes)).await,
-        }
+        };
+        let (decision, rule) = match &allowed.exempted {
+            Some(v) => {
+                // Explicit in config, and still worth a line: it is the one way through.
+                tracing::info!(
+                    rule = %v.rule(),
+                    field = v.field().unwrap_or("-"),
+                    project = project.unwrap_or("-"),
+                    request_id = ?cx.id,
+                    "reserved prefix allowed for an exempt project"
+                );
+                (Decision::Exempt, Some(v.rule()))
+            }
+            None => (decision, None),
+        };
+        self.forward(cx, parts, ProxyBody::full(body), decision, rule)
+            .await
     }
 
     /// Counts a violation; refuses the request, or in audit mode logs it and forwards the
@@ -260,13 +286,13 @@ impl Proxy {
         parts: Parts,
         body: ProxyBody,
     ) -> Outcome {
-        self.metrics.violation(v.rule(), v.field());
+        self.metrics.violation(&v.rule(), v.field());
         match cx.rt.config.policy.mode {
             Mode::Enforce => Outcome::refused(v.into()),
             Mode::Audit => {
                 // The rule and field only: the offending value is body content, never logged.
                 tracing::warn!(
-                    rule = v.rule(),
+                    rule = %v.rule(),
                     field = v.field().unwrap_or("-"),
                     request_id = ?cx.id,
                     "policy violation forwarded (audit mode)"
@@ -284,7 +310,7 @@ impl Proxy {
         mut parts: Parts,
         body: ProxyBody,
         decision: Decision,
-        rule: Option<&'static str>,
+        rule: Option<Cow<'static, str>>,
     ) -> Outcome {
         let rt = cx.rt;
         let upstream = &rt.config.upstream;

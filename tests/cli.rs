@@ -119,6 +119,33 @@ fn check_takes_headers_and_the_configured_policy() {
 }
 
 #[test]
+fn check_evaluates_the_configured_naming_rules() {
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/naming-rules.example.toml"
+    );
+    let o = run(
+        &["--config", example, "check", "PUT", "/v3/p1/snapshots/s1"],
+        r#"{"snapshot":{"name":"Prod_DB"}}"#,
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("rule: team-prefix"), "{out}");
+    assert!(
+        out.contains("Rule 'team-prefix': names must match"),
+        "{out}"
+    );
+
+    let exempt = "/v3/5f0c4e3ad1b84c1f9e0a6c7d8b9e0f12/snapshots/s1";
+    let o = run(
+        &["--config", example, "check", "PUT", exempt],
+        r#"{"snapshot":{"name":"autobk_snapshot_1"}}"#,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert!(stdout(&o).contains("decision: exempt"), "{}", stdout(&o));
+}
+
+#[test]
 fn check_config_accepts_the_shipped_file_and_names_a_bad_key() {
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/snapguard.toml");
     let o = run(&["check-config", shipped], "");

@@ -6,14 +6,18 @@
 
 pub mod json;
 pub mod media;
+pub mod rules;
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use http::{header, HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use crate::config::PolicyConfig;
 use crate::route::Route;
+
+pub use rules::Rule;
 
 pub use media::{check_content_encoding, check_content_type};
 
@@ -25,6 +29,21 @@ pub enum Mode {
     Enforce,
     /// Log and count violations, forward the request unchanged: for rolling a policy out.
     Audit,
+}
+
+/// An allowed body: what it becomes on its way upstream, and a reserved-prefix violation
+/// waived for its project, if any (to be logged and counted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Allowed {
+    pub body: Verdict,
+    pub exempted: Option<Violation>,
+}
+
+/// Where a policed request goes: its route, and the project id its path names.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    pub route: &'a Route,
+    pub project: Option<&'a str>,
 }
 
 /// What an allowed body becomes on its way upstream.
@@ -72,15 +91,34 @@ pub enum Violation {
         prefix: String,
     },
     #[error(
+        "Invalid input for field/attribute {field}. Value: {shown}. Rule '{rule}': {message}",
+        shown = abbreviate(value)
+    )]
+    Rule {
+        rule: Arc<str>,
+        field: String,
+        value: String,
+        message: String,
+    },
+    #[error(
         "Invalid request path: an encoded '/' or '\\' inside a snapshot route cannot be policed."
     )]
     AmbiguousPath,
 }
 
 impl Violation {
-    /// A stable, low-cardinality name for logs and metrics.
-    pub fn rule(&self) -> &'static str {
+    /// The rule's name for logs and metrics: a fixed name, or a configured rule's.
+    pub fn rule(&self) -> Cow<'static, str> {
         match self {
+            Self::Rule { rule, .. } => Cow::Owned(rule.to_string()),
+            other => Cow::Borrowed(other.kind()),
+        }
+    }
+
+    /// A fixed name for the kind of violation (every configured rule is `rule`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Rule { .. } => "rule",
             Self::BodyTooLarge { .. } => "max_body_bytes",
             Self::ContentEncoding(_) => "content_encoding",
             Self::ContentType(_) => "content_type",
@@ -98,7 +136,8 @@ impl Violation {
         match self {
             Self::FieldType { field, .. }
             | Self::TooLong { field, .. }
-            | Self::ReservedPrefix { field, .. } => Some(field),
+            | Self::ReservedPrefix { field, .. }
+            | Self::Rule { field, .. } => Some(field),
             Self::MissingRoot(root) | Self::RootNotObject { root, .. } => Some(root),
             _ => None,
         }
@@ -221,14 +260,16 @@ pub fn signed_headers(headers: &HeaderMap) -> Option<SignedHeaders> {
     })
 }
 
-/// Polices a whole body under `route`. With `may_normalize` false (signed requests) an allowed
-/// body is always forwarded unchanged.
+/// Polices a whole body sent to `target`: the built-in checks, then the configured `rules`.
+/// With `may_normalize` false (signed requests) an allowed body is always forwarded unchanged.
 pub fn check_body(
-    route: &Route,
+    target: Target<'_>,
     policy: &PolicyConfig,
+    rules: &[Rule],
     body: &[u8],
     may_normalize: bool,
-) -> Result<Verdict, Violation> {
+) -> Result<Allowed, Violation> {
+    let route = target.route;
     if body.len() > policy.max_body_bytes {
         return Err(Violation::BodyTooLarge {
             limit: policy.max_body_bytes,
@@ -248,6 +289,15 @@ pub fn check_body(
         raw: raw.get().to_owned(),
     })?;
 
+    let exempt = policy
+        .reserved_prefix_exempt_projects
+        .iter()
+        .any(|p| Some(p.as_str()) == target.project);
+    let rules: Vec<&Rule> = rules
+        .iter()
+        .filter(|r| r.applies(route, target.project))
+        .collect();
+    let mut exempted = None;
     for (key, raw) in &fields {
         let is_name = route.name_fields.iter().any(|f| f == key);
         if !is_name && !route.description_fields.iter().any(|f| f == key) {
@@ -266,30 +316,49 @@ pub fn check_body(
                 max: policy.max_field_bytes,
             });
         }
-        if is_name {
-            if let Some(prefix) = reserved_prefix(
-                &value,
-                &policy.reserved_prefixes,
-                policy.case_insensitive_prefixes,
-            ) {
-                return Err(Violation::ReservedPrefix {
-                    field: key.to_string(),
-                    value: value.into_owned(),
-                    prefix: prefix.to_owned(),
-                });
+        let reserved = is_name
+            .then(|| {
+                reserved_prefix(
+                    &value,
+                    &policy.reserved_prefixes,
+                    policy.case_insensitive_prefixes,
+                )
+            })
+            .flatten();
+        if let Some(prefix) = reserved {
+            let v = Violation::ReservedPrefix {
+                field: key.to_string(),
+                value: value.to_string(),
+                prefix: prefix.to_owned(),
+            };
+            if !exempt {
+                return Err(v);
             }
+            exempted.get_or_insert(v);
+        }
+        if let Some(rule) = rules
+            .iter()
+            .find(|r| r.covers(route, key) && !r.allows(&value))
+        {
+            return Err(Violation::Rule {
+                rule: rule.name.clone(),
+                field: key.to_string(),
+                value: value.into_owned(),
+                message: rule.message().to_owned(),
+            });
         }
     }
 
-    if !may_normalize
-        || !route
-            .renames
-            .iter()
-            .any(|(legacy, _)| fields.iter().any(|(k, _)| k == legacy))
-    {
-        return Ok(Verdict::Unchanged);
-    }
-    Ok(Verdict::Normalized(normalize(route, &members, &fields)))
+    let legacy_present = route
+        .renames
+        .iter()
+        .any(|(legacy, _)| fields.iter().any(|(k, _)| k == legacy));
+    let body = if may_normalize && legacy_present {
+        Verdict::Normalized(normalize(route, &members, &fields))
+    } else {
+        Verdict::Unchanged
+    };
+    Ok(Allowed { body, exempted })
 }
 
 /// Re-serializes the body with `display_X` renamed to `X` (or dropped when `X` is present too),
@@ -335,10 +404,20 @@ mod tests {
         may_normalize: bool,
     ) -> Result<String, &'static str> {
         let route = &default_routes()[0];
-        match check_body(route, policy, body.as_bytes(), may_normalize) {
-            Ok(Verdict::Unchanged) => Ok(String::new()),
-            Ok(Verdict::Normalized(b)) => Ok(String::from_utf8(b).unwrap()),
-            Err(v) => Err(v.rule()),
+        let target = Target {
+            route,
+            project: Some("p1"),
+        };
+        match check_body(target, policy, &[], body.as_bytes(), may_normalize) {
+            Ok(Allowed {
+                body: Verdict::Unchanged,
+                ..
+            }) => Ok(String::new()),
+            Ok(Allowed {
+                body: Verdict::Normalized(b),
+                ..
+            }) => Ok(String::from_utf8(b).unwrap()),
+            Err(v) => Err(v.kind()),
         }
     }
 
@@ -518,12 +597,82 @@ mod tests {
         );
     }
 
+    fn rules(text: &str) -> Vec<Rule> {
+        #[derive(serde::Deserialize)]
+        struct Rules {
+            rules: Vec<Rule>,
+        }
+        toml::from_str::<Rules>(text).unwrap().rules
+    }
+
+    #[test]
+    fn configured_rules_are_checked_after_the_built_in_ones() {
+        let rules = rules(
+            "[[rules]]\nname = \"team-prefix\"\nrequire = '^(web|db|ml)-[a-z0-9-]+$'\nmessage = \"names must match ^(web|db|ml)-[a-z0-9-]+$\"\n",
+        );
+        let route = &default_routes()[0];
+        let target = Target {
+            route,
+            project: Some("p1"),
+        };
+        let check = |body: &str| {
+            check_body(
+                target,
+                &PolicyConfig::default(),
+                &rules,
+                body.as_bytes(),
+                true,
+            )
+        };
+        assert!(check(r#"{"snapshot":{"name":"db-orders"}}"#).is_ok());
+        let err = check(r#"{"snapshot":{"name":"Prod_DB"}}"#).unwrap_err();
+        assert_eq!(err.rule(), "team-prefix");
+        assert_eq!(
+            err.to_string(),
+            "Invalid input for field/attribute name. Value: Prod_DB. Rule 'team-prefix': names must match ^(web|db|ml)-[a-z0-9-]+$"
+        );
+        // The legacy spelling is a name field too; descriptions are not names.
+        assert!(check(r#"{"snapshot":{"display_name":"Prod_DB"}}"#).is_err());
+        assert!(check(r#"{"snapshot":{"name":"db-a","description":"Prod_DB"}}"#).is_ok());
+        // The reserved prefix is still checked first.
+        assert_eq!(
+            check(r#"{"snapshot":{"name":"autobk_snapshot_db"}}"#)
+                .unwrap_err()
+                .rule(),
+            "reserved_prefix"
+        );
+    }
+
+    #[test]
+    fn exempt_projects_may_use_the_reserved_prefix_and_say_so() {
+        let policy = PolicyConfig {
+            reserved_prefix_exempt_projects: vec!["backup".to_owned()],
+            ..PolicyConfig::default()
+        };
+        let route = &default_routes()[0];
+        let body = br#"{"snapshot":{"name":"autobk_snapshot_1"}}"#;
+        let for_project = |project| check_body(Target { route, project }, &policy, &[], body, true);
+        let allowed = for_project(Some("backup")).unwrap();
+        assert_eq!(allowed.body, Verdict::Unchanged);
+        assert_eq!(
+            allowed.exempted.map(|v| v.rule()),
+            Some("reserved_prefix".into())
+        );
+        assert!(for_project(Some("other")).is_err());
+        assert!(for_project(None).is_err(), "no project id, no exemption");
+    }
+
     #[test]
     fn messages_follow_cinder() {
         let route = &default_routes()[0];
-        let err = check_body(
+        let target = Target {
             route,
+            project: None,
+        };
+        let err = check_body(
+            target,
             &PolicyConfig::default(),
+            &[],
             br#"{"snapshot":{"name":"autobk_snapshot_x"}}"#,
             true,
         )
@@ -533,7 +682,8 @@ mod tests {
             "Invalid input for field/attribute name. Value: autobk_snapshot_x. Names starting with 'autobk_snapshot_' are reserved for automatic backup snapshots."
         );
         let long = format!(r#"{{"snapshot":{{"description":"{}"}}}}"#, "x".repeat(300));
-        let err = check_body(route, &PolicyConfig::default(), long.as_bytes(), true).unwrap_err();
+        let err =
+            check_body(target, &PolicyConfig::default(), &[], long.as_bytes(), true).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
