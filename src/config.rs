@@ -22,8 +22,10 @@ use crate::route::Route;
 pub struct Config {
     /// Downstream listener for proxied traffic.
     pub listen: SocketAddr,
-    /// Admin listener (`/healthz`, `/readyz`).
+    /// Admin listener (`/healthz`, `/readyz`, `/metrics`).
     pub admin: SocketAddr,
+    /// Worker threads of the runtime; 0 means one per CPU. Changes need a restart.
+    pub workers: usize,
     pub upstream: UpstreamConfig,
     pub policy: PolicyConfig,
     pub forwarding: ForwardingConfig,
@@ -43,6 +45,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            workers: 0,
             upstream: UpstreamConfig::default(),
             policy: PolicyConfig::default(),
             forwarding: ForwardingConfig::default(),

@@ -36,6 +36,9 @@ struct Cli {
     /// Log format [default: text].
     #[arg(long, env = "SNAPGUARD_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// Worker threads serving traffic; 0 means one per CPU [default: 0].
+    #[arg(long, env = "SNAPGUARD_THREADS", value_name = "N")]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -113,6 +116,9 @@ fn load(cli: &Cli) -> Result<Config, snapguard::config::ConfigError> {
     if let Some(format) = cli.log_format {
         config.log.format = format;
     }
+    if let Some(threads) = cli.threads {
+        config.workers = threads;
+    }
     config.validate()?;
     Ok(config)
 }
@@ -123,10 +129,13 @@ fn run_proxy(cli: &Cli) -> ExitCode {
         Err(e) => return config_error(&e),
     };
     let filter = init_tracing(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // A multi-threaded runtime with one worker per CPU unless told otherwise: a sidecar
+    // usually wants 1 or 2, a gateway all it has. Reloads cannot change it.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.workers > 0 {
+        builder.worker_threads(config.workers);
+    }
+    let runtime = match builder.thread_name("snapguard-worker").enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("snapguard: cannot start the runtime: {e}");
