@@ -70,6 +70,7 @@ impl Server {
         let admin = bind(config.admin).await?;
         let max_connections = config.limits.max_connections;
         let addresses = (config.listen, config.admin);
+        let workers = config.workers;
         let metrics = Arc::new(Metrics::default());
         let proxy = Arc::new(Proxy::new(Runtime::new(config)?, metrics));
         Ok(Self {
@@ -81,6 +82,7 @@ impl Server {
                 max_connections: Arc::new(AtomicUsize::new(max_connections)),
                 resized: Arc::new(Notify::new()),
                 addresses,
+                workers,
             },
             ready: Readiness::default(),
         })
@@ -239,6 +241,8 @@ pub struct Handle {
     resized: Arc<Notify>,
     /// The configured listen and admin addresses, which only a restart changes.
     addresses: (SocketAddr, SocketAddr),
+    /// The configured worker threads, which only a restart changes.
+    workers: usize,
 }
 
 impl Handle {
@@ -263,6 +267,9 @@ impl Handle {
                 admin = %config.admin,
                 "listen and admin addresses change only on restart; still serving the old ones"
             );
+        }
+        if config.workers != self.workers {
+            tracing::warn!(workers = config.workers, "workers change only on restart");
         }
         self.resize(config.limits.max_connections);
         self.proxy.swap(runtime);
