@@ -47,7 +47,7 @@ pub struct Exchange {
     pub method: Method,
     /// The request path, without the query (which may carry tokens).
     pub path: String,
-    pub route: Option<Arc<str>>,
+    pub route: Option<&'static str>,
     pub decision: Decision,
     /// The policy rule violated, if any.
     pub rule: Option<Cow<'static, str>>,
@@ -66,10 +66,10 @@ pub struct Exchange {
 impl Drop for Exchange {
     fn drop(&mut self) {
         let duration = self.started.elapsed();
-        let route = self.route.clone().unwrap_or_else(|| Arc::from("none"));
+        let route = self.route.unwrap_or("none");
         self.metrics.request(
-            &RequestLabels {
-                route: route.clone(),
+            RequestLabels {
+                route,
                 method: method_label(&self.method),
                 decision: self.decision.as_str(),
                 status: self.status,

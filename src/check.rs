@@ -33,11 +33,7 @@ impl Report<'_> {
     pub fn render(&self, config: &Config) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "decision: {}", self.decision.as_str());
-        let _ = writeln!(
-            out,
-            "route: {}",
-            self.route.map_or("none", |r| &*r.template)
-        );
+        let _ = writeln!(out, "route: {}", self.route.map_or("none", |r| r.template));
         if let Some(v) = &self.violation {
             let _ = writeln!(out, "rule: {}", v.rule());
             if let Some(field) = v.field() {

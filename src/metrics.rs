@@ -2,23 +2,31 @@
 //!
 //! Every series has a bounded label set: routes come from the config, decisions, rules and
 //! error kinds are fixed names, methods outside the standard ones are counted as `OTHER`.
+//!
+//! Nothing here takes a lock on the request path. prometheus-client's label families sit behind
+//! a read-write lock and its histograms behind a mutex, so requests update counters through a
+//! per-thread cache of their atomic handles (the family's lock is taken once per thread and
+//! label set), and durations go to [`Durations`], a histogram made of atomics.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 /// Labels of `snapguard_requests_total`.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// The route template, or `none` for passthrough traffic.
-    pub route: Arc<str>,
+    /// The route template (interned), or `none` for passthrough traffic.
+    pub route: &'static str,
     pub method: &'static str,
     pub decision: &'static str,
     pub status: u16,
@@ -30,7 +38,7 @@ struct ViolationLabels {
     field: String,
 }
 
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabels {
     kind: &'static str,
 }
@@ -43,11 +51,13 @@ struct ResultLabels {
 /// All of snapguard's metrics, shared by the proxy, the server and the admin endpoint.
 #[derive(Debug)]
 pub struct Metrics {
+    /// Tells apart the metrics of servers in one process, in the per-thread caches.
+    id: usize,
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     violations: Family<ViolationLabels, Counter>,
-    request_duration: Histogram,
-    upstream_duration: Histogram,
+    request_duration: Durations,
+    upstream_duration: Durations,
     upstream_errors: Family<KindLabels, Counter>,
     connections: Gauge,
     reloads: Family<ResultLabels, Counter>,
@@ -55,14 +65,13 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        // 0.5 ms to ~16 s: a proxy hop at the bottom, a slow storage call at the top.
-        let buckets = || exponential_buckets(0.0005, 2.0, 16);
         let metrics = Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             registry: Registry::default(),
             requests: Family::default(),
             violations: Family::default(),
-            request_duration: Histogram::new(buckets()),
-            upstream_duration: Histogram::new(buckets()),
+            request_duration: Durations::default(),
+            upstream_duration: Durations::default(),
             upstream_errors: Family::default(),
             connections: Gauge::default(),
             reloads: Family::default(),
@@ -122,9 +131,17 @@ impl Metrics {
         out
     }
 
-    pub fn request(&self, labels: &RequestLabels, duration: Duration) {
-        self.requests.get_or_create(labels).inc();
-        self.request_duration.observe(duration.as_secs_f64());
+    pub fn request(&self, labels: RequestLabels, duration: Duration) {
+        thread_local! {
+            static REQUESTS: RefCell<HashMap<(usize, RequestLabels), Counter>> = RefCell::default();
+        }
+        REQUESTS.with_borrow_mut(|cache| {
+            cache
+                .entry((self.id, labels))
+                .or_insert_with(|| self.requests.get_or_create_owned(&labels))
+                .inc();
+        });
+        self.request_duration.observe(duration);
     }
 
     pub fn violation(&self, rule: &str, field: Option<&str>) {
@@ -136,7 +153,7 @@ impl Metrics {
     }
 
     pub fn upstream(&self, duration: Duration) {
-        self.upstream_duration.observe(duration.as_secs_f64());
+        self.upstream_duration.observe(duration);
     }
 
     pub fn upstream_error(&self, kind: &'static str) {
@@ -154,6 +171,58 @@ impl Metrics {
     pub fn reload(&self, ok: bool) {
         let result = if ok { "success" } else { "failure" };
         self.reloads.get_or_create(&ResultLabels { result }).inc();
+    }
+}
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+
+/// Upper bounds of the duration buckets, in seconds: 0.5 ms to ~16 s, a proxy hop at the
+/// bottom, a slow storage call at the top.
+const BOUNDS: [f64; 16] = [
+    0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048,
+    4.096, 8.192, 16.384,
+];
+
+/// A histogram of durations made of atomics: observing one takes no lock.
+#[derive(Debug, Clone, Default)]
+pub struct Durations(Arc<DurationCounts>);
+
+#[derive(Debug, Default)]
+struct DurationCounts {
+    /// Observations per bucket (not cumulative); the last is above every bound.
+    buckets: [AtomicU64; BOUNDS.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Durations {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let bucket = BOUNDS.partition_point(|bound| *bound < secs);
+        let counts = &self.0;
+        counts.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        counts.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+}
+
+impl EncodeMetric for Durations {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let counts = &self.0;
+        // Per bucket, not cumulative: the encoder adds them up.
+        let buckets: Vec<(f64, u64)> = BOUNDS
+            .iter()
+            .chain([f64::INFINITY].iter())
+            .zip(&counts.buckets)
+            .map(|(bound, n)| (*bound, n.load(Ordering::Relaxed)))
+            .collect();
+        // The count is the buckets' total, so the two always agree in one scrape.
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = counts.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
     }
 }
 
@@ -192,8 +261,8 @@ mod tests {
     fn every_metric_is_exposed_with_its_labels() {
         let m = Arc::new(Metrics::default());
         m.request(
-            &RequestLabels {
-                route: Arc::from("/v3/{project_id}/snapshots/{snapshot_id}"),
+            RequestLabels {
+                route: "/v3/{project_id}/snapshots/{snapshot_id}",
                 method: "PUT",
                 decision: "rejected",
                 status: 400,
@@ -210,6 +279,9 @@ mod tests {
             r#"snapguard_requests_total{route="/v3/{project_id}/snapshots/{snapshot_id}",method="PUT",decision="rejected",status="400"} 1"#,
             r#"snapguard_policy_violations_total{rule="reserved_prefix",field="name"} 1"#,
             "snapguard_request_duration_seconds_count 1",
+            r#"snapguard_request_duration_seconds_bucket{le="0.001"} 0"#,
+            r#"snapguard_request_duration_seconds_bucket{le="0.002"} 1"#,
+            r#"snapguard_request_duration_seconds_bucket{le="+Inf"} 1"#,
             "snapguard_upstream_duration_seconds_count 1",
             r#"snapguard_upstream_errors_total{kind="timeout"} 1"#,
             "snapguard_connections_active 1",

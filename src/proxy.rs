@@ -181,7 +181,7 @@ impl Proxy {
             started,
             method,
             path,
-            route: route.map(|r| r.template.clone()),
+            route: route.map(|r| r.template),
             decision: outcome.decision,
             rule: outcome.rule,
             error,

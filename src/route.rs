@@ -6,7 +6,7 @@
 //! The request itself is never rewritten; the normalized path exists only to decide.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::Mutex;
 
 use http::{HeaderMap, Method, Uri};
 use serde::Deserialize;
@@ -47,11 +47,10 @@ fn default_body_root() -> String {
 }
 
 /// A validated route, ready to match.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "RouteSpec")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
-    /// The path template as configured; used as the route's label in logs and errors.
-    pub template: Arc<str>,
+    /// The path template as configured, interned: the route's label in logs and metrics.
+    pub template: &'static str,
     pub methods: Vec<Method>,
     segments: Vec<Segment>,
     pub body_root: String,
@@ -126,7 +125,7 @@ impl TryFrom<RouteSpec> for Route {
             })
             .collect();
         Ok(Self {
-            template: Arc::from(spec.path.as_str()),
+            template: intern(&spec.path),
             methods,
             segments,
             body_root: spec.body_root,
@@ -136,6 +135,30 @@ impl TryFrom<RouteSpec> for Route {
             error_style: spec.error_style,
         })
     }
+}
+
+// Written out rather than derived with `try_from`: serde's derive will not produce a `'static`
+// template from borrowed input, and the template is interned anyway.
+impl<'de> Deserialize<'de> for Route {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Route::try_from(RouteSpec::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The one `&'static` copy of a route template. Templates are few and reloads rare, so the
+/// table only ever holds the distinct templates configured since start; a `&'static str` label
+/// lets metrics count requests without reference counting or locks.
+fn intern(template: &str) -> &'static str {
+    static TABLE: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    let mut table = TABLE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(known) = table.iter().find(|t| **t == template) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(template.to_owned().into_boxed_str());
+    table.push(leaked);
+    leaked
 }
 
 /// The built-in route table (SPEC section 1, and the other requests that name snapshots).
@@ -453,7 +476,7 @@ mod tests {
         let routes = default_routes();
         assert_eq!(routes.len(), 17);
         assert_eq!(
-            &*routes[0].template,
+            routes[0].template,
             "/v3/{project_id}/snapshots/{snapshot_id}"
         );
         assert_eq!(routes[0].methods, [Method::PUT]);

@@ -248,7 +248,7 @@ mod tests {
         .unwrap();
         let create = routes
             .iter()
-            .find(|r| &*r.template == "/v3/{project_id}/snapshots")
+            .find(|r| r.template == "/v3/{project_id}/snapshots")
             .unwrap();
         assert!(r.applies(create, Some("p1")));
         assert!(!r.applies(create, Some("p2")));
