@@ -132,6 +132,10 @@ error_log {tmp}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
+    # snapguard puts no cap on requests per connection; nginx's default (1000) would make the
+    # load generators reconnect, or fail, every thousand requests.
+    keepalive_requests 1000000000;
+    keepalive_timeout 300s;
     client_body_temp_path {tmp}/body;
     proxy_temp_path {tmp}/proxy;
     fastcgi_temp_path {tmp}/fastcgi;
@@ -139,7 +143,7 @@ http {{
     scgi_temp_path {tmp}/scgi;
     client_max_body_size 0;
     client_body_buffer_size 128k;
-    upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
+    upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 64; keepalive_requests 1000000000; }}
     server {{
         listen 127.0.0.1:{port} reuseport;
         location / {{
@@ -167,19 +171,23 @@ def wrk_script(tmp, name, method, body):
 
 
 def parse_duration_us(text):
-    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    m = re.match(r"([\d.]+)(us|ms|s|m|h)$", text)
+    if not m:
+        raise ValueError(f"not a wrk duration: {text!r}")
     value, unit = float(m.group(1)), m.group(2)
-    return value * {"us": 1, "ms": 1000, "s": 1_000_000}[unit]
+    return value * {"us": 1, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6}[unit]
 
 
 def run_wrk(port, path, script, seconds, connections=32):
     out = subprocess.run(["taskset", "-c", "0", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
                           "-s", script, f"http://127.0.0.1:{port}{path}"],
                          capture_output=True, text=True, check=True).stdout
+    if "50%" not in out:
+        raise RuntimeError(f"wrk printed no latency distribution:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
-    p50 = parse_duration_us(re.search(r"50%\s+(\S+)", out).group(1))
-    p99 = parse_duration_us(re.search(r"99%\s+(\S+)", out).group(1))
+    p50 = parse_duration_us(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+    p99 = parse_duration_us(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
     return {"rps": rps, "total": total, "p50": p50, "p99": p99,

@@ -3,6 +3,7 @@
 //! Pure functions on `HeaderMap`, applied by the proxy in both directions.
 
 use std::hash::{BuildHasher, Hasher};
+use std::io::Write;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -58,17 +59,28 @@ pub fn add_forwarded(
     untouchable: impl Fn(&HeaderName) -> bool,
 ) {
     if !untouchable(&X_FORWARDED_FOR) {
+        // The peer's address, formatted on the stack: this runs on every request.
+        let mut buf = [0u8; 64];
+        let len = {
+            let mut rest = &mut buf[..];
+            let _ = write!(rest, "{peer}");
+            64 - rest.len()
+        };
+        let peer = &buf[..len];
         let prior: Vec<&[u8]> = headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
             .map(HeaderValue::as_bytes)
             .collect();
-        let mut chain = prior.join(&b", "[..]);
-        if !chain.is_empty() {
+        let value = if prior.is_empty() {
+            HeaderValue::from_bytes(peer)
+        } else {
+            let mut chain = prior.join(&b", "[..]);
             chain.extend_from_slice(b", ");
-        }
-        chain.extend_from_slice(peer.to_string().as_bytes());
-        if let Ok(value) = HeaderValue::from_bytes(&chain) {
+            chain.extend_from_slice(peer);
+            HeaderValue::from_bytes(&chain)
+        };
+        if let Ok(value) = value {
             headers.insert(X_FORWARDED_FOR, value);
         }
     }
@@ -114,7 +126,9 @@ impl RequestIds {
             None => {
                 let n = self.next.fetch_add(1, Ordering::Relaxed);
                 let id = format!("req-{:016x}{:08x}", self.process, n);
-                HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("req-unknown"))
+                // Hex digits and a dash are always a valid header value; no copy is made.
+                HeaderValue::from_maybe_shared(bytes::Bytes::from(id))
+                    .unwrap_or(HeaderValue::from_static("req-unknown"))
             }
         }
     }

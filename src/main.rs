@@ -129,12 +129,19 @@ fn run_proxy(cli: &Cli) -> ExitCode {
         Err(e) => return config_error(&e),
     };
     let filter = init_tracing(&config.log);
-    // A multi-threaded runtime with one worker per CPU unless told otherwise: a sidecar
-    // usually wants 1 or 2, a gateway all it has. Reloads cannot change it.
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if config.workers > 0 {
-        builder.worker_threads(config.workers);
-    }
+    // One worker per CPU unless told otherwise: a sidecar usually wants 1, a gateway all it has.
+    // One worker means the current-thread scheduler, which serves on the main thread and skips
+    // the work-stealing machinery that a single worker cannot use. Reloads cannot change it.
+    let mut builder = match config.workers {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if n > 0 {
+                builder.worker_threads(n);
+            }
+            builder
+        }
+    };
     let runtime = match builder.thread_name("snapguard-worker").enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -200,10 +200,12 @@ pub fn classify<'a>(
     headers: &HeaderMap,
     uri: &Uri,
 ) -> Class<'a> {
-    let query = uri.query().unwrap_or("");
+    // Read once per request: most carry no override, and then this allocates nothing.
+    let overrides = overrides(headers, uri.query().unwrap_or(""));
     // Methods compare case-insensitively: a gateway on the way may uppercase them.
     let wanted = |m: &Method| {
-        m.as_str().eq_ignore_ascii_case(method.as_str()) || overridden_to(headers, query, m)
+        let named = |value: &[u8]| value.eq_ignore_ascii_case(m.as_str().as_bytes());
+        named(method.as_str().as_bytes()) || overrides.iter().any(|o| named(o))
     };
     // Most traffic (GET, DELETE) is decided here, without looking at the path.
     let candidates = || routes.iter().filter(|r| r.methods.iter().any(wanted));
@@ -226,6 +228,10 @@ pub fn classify<'a>(
     if policed.is_none() && facts.dot_segments {
         policed = find(&read(path, Reading::ONCE_KEEP_DOTS));
     }
+    // And with `;` as data, as Cinder's router takes it: `/snapshots/;x` updates snapshot `;x`.
+    if policed.is_none() && facts.semicolons {
+        policed = find(&read(path, Reading::ONCE_KEEP_PARAMS));
+    }
     // Readings that a server decoding before splitting, or decoding twice, would make: if any
     // of them is a policed route, the request cannot be classified with certainty.
     let ambiguous = (facts.encoded_separator
@@ -242,29 +248,32 @@ pub fn classify<'a>(
     }
 }
 
-/// Whether a method-override header, or Routes' `_method` query parameter, names `m`.
-fn overridden_to(headers: &HeaderMap, query: &str, m: &Method) -> bool {
-    let names = |value: &[u8]| {
-        value
-            .split(|b| *b == b',')
-            .any(|v| v.trim_ascii().eq_ignore_ascii_case(m.as_str().as_bytes()))
-    };
-    let in_headers = METHOD_OVERRIDE_HEADERS.iter().any(|name| {
-        headers
-            .get_all(*name)
-            .iter()
-            .any(|value| names(value.as_bytes()))
-    });
-    // Cinder's router (Routes' middleware) takes `?_method=PUT` as the method of the request.
-    in_headers
-        || (query.contains("_method") || query.contains('%'))
-            && query.split(['&', ';']).any(|pair| {
-                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-                form_decode(key)
-                    .trim_ascii()
-                    .eq_ignore_ascii_case(b"_method")
-                    && names(&form_decode(value))
-            })
+/// The methods named by method-override headers and by Routes' `_method` query parameter
+/// (Cinder's router takes `?_method=PUT` as the method of the request), trimmed.
+fn overrides<'h>(headers: &'h HeaderMap, query: &str) -> Vec<Cow<'h, [u8]>> {
+    let mut methods: Vec<Cow<'h, [u8]>> = METHOD_OVERRIDE_HEADERS
+        .iter()
+        .flat_map(|name| headers.get_all(*name))
+        .flat_map(|value| value.as_bytes().split(|b| *b == b','))
+        .map(|m| Cow::Borrowed(m.trim_ascii()))
+        .collect();
+    if query.contains("_method") || query.contains('%') {
+        for pair in query.split(['&', ';']) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if form_decode(key)
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"_method")
+            {
+                let value = form_decode(value);
+                methods.extend(
+                    value
+                        .split(|b| *b == b',')
+                        .map(|m| Cow::Owned(m.trim_ascii().to_vec())),
+                );
+            }
+        }
+    }
+    methods
 }
 
 /// Decodes a query component as a form does: `+` is a space, `%XX` a byte.
@@ -284,6 +293,8 @@ struct Facts {
     dot_segments: bool,
     /// A `%` left after one round of decoding (`%2573`): a second decoding would change it.
     escape_after_decoding: bool,
+    /// A `;`, plain or encoded: a servlet container cuts a parameter there, Cinder does not.
+    semicolons: bool,
 }
 
 impl Facts {
@@ -292,11 +303,13 @@ impl Facts {
             encoded_separator: false,
             dot_segments: false,
             escape_after_decoding: false,
+            semicolons: false,
         };
         for raw in path.split('/') {
             let decoded = percent_decode(raw.as_bytes());
             facts.encoded_separator |= decoded.iter().any(is_separator);
             facts.escape_after_decoding |= raw.contains('%') && decoded.contains(&b'%');
+            facts.semicolons |= decoded.contains(&b';');
             let cut = decoded.split(|b| *b == b';').next().unwrap_or_default();
             facts.dot_segments |= matches!(cut, b"." | b"..");
         }
@@ -314,6 +327,7 @@ struct Reading {
     decode_twice: bool,
     split_encoded: bool,
     resolve_dots: bool,
+    cut_params: bool,
 }
 
 impl Reading {
@@ -321,6 +335,11 @@ impl Reading {
         decode_twice: false,
         split_encoded: false,
         resolve_dots: true,
+        cut_params: true,
+    };
+    const ONCE_KEEP_PARAMS: Self = Self {
+        cut_params: false,
+        ..Self::ONCE
     };
     const ONCE_KEEP_DOTS: Self = Self {
         resolve_dots: false,
@@ -338,6 +357,7 @@ impl Reading {
         decode_twice: true,
         split_encoded: true,
         resolve_dots: true,
+        cut_params: true,
     };
 }
 
@@ -365,7 +385,7 @@ fn read(path: &str, how: Reading) -> Vec<Cow<'_, [u8]>> {
 fn push_segment<'p>(out: &mut Vec<Cow<'p, [u8]>>, segment: Cow<'p, [u8]>, how: Reading) {
     let end = segment
         .iter()
-        .position(|b| *b == b';')
+        .position(|b| how.cut_params && *b == b';')
         .unwrap_or(segment.len());
     let cut = match segment {
         Cow::Borrowed(s) => Cow::Borrowed(&s[..end]),
@@ -503,6 +523,9 @@ mod tests {
             "/v3/p1/x/%2E./snapshots/s1",
             "/v3/p1/x/..;/snapshots/s1",
             "/v3/p1/snapshots%3bx/s1",
+            "/v3/p1/snapshots/;x",
+            "/v3/p1/snapshots/%3Bx",
+            "/v3/p1/snapshots/%3bs1;y",
             "/a/b/../../v3/p1/snapshots/s1",
             "/../v3/p1/snapshots/s1",
         ] {

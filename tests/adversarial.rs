@@ -272,6 +272,16 @@ async fn path_spellings() {
             Refused(400),
         ),
         (
+            "id that is all params",
+            put("/v3/p1/snapshots/;x", RESERVED),
+            Refused(400),
+        ),
+        (
+            "id that starts with an encoded ;",
+            put("/v3/p1/snapshots/%3Bx", RESERVED),
+            Refused(400),
+        ),
+        (
             "query",
             put("/v3/p1/snapshots/s1?x=1", RESERVED),
             Refused(400),
