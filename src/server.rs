@@ -198,7 +198,8 @@ impl Server {
 
         ready.set(false);
         drop(listener);
-        let grace = runtime.config.timeouts.shutdown_grace;
+        // The grace period in force now, reloads included.
+        let grace = proxy.runtime().config.timeouts.shutdown_grace;
         tracing::info!(connections = graceful.count(), ?grace, "draining");
         if tokio::time::timeout(grace, graceful.shutdown())
             .await
