@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use http::{StatusCode, Version};
 use snapguard::policy::is_python_space;
-use support::{raw, send, Proxy, Reply, Seen, Upstream};
+use support::{raw, send, Reply, Seen};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const RESERVED: &str = r#"{"snapshot":{"name":"autobk_snapshot_x"}}"#;
@@ -124,8 +124,7 @@ fn status_of(response: &str) -> u16 {
 
 /// Runs every case against one proxy, checking the upstream after each.
 async fn run(cases: Vec<(&str, Vec<u8>, Expect)>) {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "[timeouts]\nrequest_body = \"2s\"\n").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "[timeouts]\nrequest_body = \"2s\"\n").await;
     let mut failures = Vec::new();
     for (name, request, expect) in &cases {
         let before = upstream.seen().len();
@@ -604,8 +603,7 @@ async fn framing_spellings() {
 
 #[tokio::test]
 async fn expect_continue_gets_its_answer_before_the_body_is_sent() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let head = format!(
         "PUT /v3/p1/snapshots/s1 HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -631,8 +629,7 @@ async fn expect_continue_gets_its_answer_before_the_body_is_sent() {
 
 #[tokio::test]
 async fn pipelined_requests_are_each_policed() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
     let mut pipeline = b"GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
     pipeline.extend(req("PUT", "/v3/p1/snapshots/s1", "", RESERVED.as_bytes()));
     let response = raw(proxy.addr, &pipeline, Duration::from_secs(5)).await;
@@ -646,8 +643,7 @@ async fn pipelined_requests_are_each_policed() {
 
 #[tokio::test]
 async fn http2_requests_are_policed_the_same_way() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
     for (path, body, headers, want) in [
         ("/v3/p1/snapshots/s1", RESERVED, vec![], 400),
         ("/V3/p1/%73napshots/s1/", RESERVED, vec![], 400),
@@ -791,8 +787,7 @@ async fn smuggling_attempts_never_reach_the_upstream_unpoliced() {
             0,
         ),
     ];
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
     let mut failures = Vec::new();
     for (name, request, want) in &cases {
         let before = upstream.seen().len();
@@ -820,8 +815,7 @@ async fn smuggling_attempts_never_reach_the_upstream_unpoliced() {
 async fn an_oversized_policed_body_is_refused_before_it_is_all_sent() {
     // The proxy answers 413 while the client is still sending: it never holds more than the
     // limit of a policed body.
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     stream
         .write_all(

@@ -20,8 +20,7 @@ const MIB: u64 = 1024 * 1024;
 
 #[tokio::test]
 async fn sixty_four_mebibytes_stream_through_in_both_directions() {
-    let upstream = Upstream::start(Reply::Large(64 * MIB)).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Large(64 * MIB), "").await;
     let got = send_body(
         Version::HTTP_11,
         "POST",
@@ -44,8 +43,7 @@ async fn sixty_four_mebibytes_stream_through_in_both_directions() {
 async fn a_passthrough_body_is_streamed_not_buffered() {
     // Each chunk is sent only once the upstream has received the previous one: a proxy that
     // buffered the body whole would never deliver the first, and the test would time out.
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let url = proxy.url("/v3/p1/volumes/v1/action");
     let request = tokio::spawn(async move {
@@ -70,8 +68,7 @@ async fn a_passthrough_body_is_streamed_not_buffered() {
 
 #[tokio::test]
 async fn a_chunked_policed_body_is_policed_and_reframed() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
     let body = r#"{"snapshot":{"name":"snap-001"}}"#;
     let (a, b) = body.split_at(13);
     let request = format!(
@@ -103,8 +100,7 @@ async fn a_chunked_policed_body_is_policed_and_reframed() {
 
 #[tokio::test]
 async fn an_oversized_chunked_body_is_refused_and_the_connection_closed() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
     let chunk = "a".repeat(40_000);
     let request = format!(
         "PUT {UPDATE} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{n:x}\r\n{chunk}\r\n{n:x}\r\n{chunk}\r\n0\r\n\r\n",
@@ -123,8 +119,7 @@ async fn an_oversized_chunked_body_is_refused_and_the_connection_closed() {
 
 #[tokio::test]
 async fn a_chunked_get_body_is_passed_through() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
     let request = "GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
     let response = raw(proxy.addr, request.as_bytes(), Duration::from_secs(5)).await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
@@ -133,8 +128,7 @@ async fn a_chunked_get_body_is_passed_through() {
 
 #[tokio::test]
 async fn content_length_zero_is_preserved() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
     let request = "POST /v3/p1/volumes/v1/action HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
     let response = raw(proxy.addr, request.as_bytes(), Duration::from_secs(5)).await;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
@@ -187,8 +181,7 @@ async fn hop_by_hop_headers_are_removed_both_ways() {
 
 #[tokio::test]
 async fn h2c_requests_are_policed_like_http1() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
     let got = send(Version::HTTP_2, "PUT", &proxy.url(UPDATE), &[], RESERVED).await;
     assert_eq!(got.status, StatusCode::BAD_REQUEST);
     assert_eq!(got.json()["badRequest"]["code"], 400);
@@ -258,8 +251,7 @@ async fn an_upstream_that_is_down_gives_502_in_the_route_style() {
 
 #[tokio::test]
 async fn a_silent_upstream_gives_504() {
-    let upstream = Upstream::start(Reply::Silent).await;
-    let proxy = Proxy::start(&upstream.url(), FAST_TIMEOUTS).await;
+    let (upstream, proxy) = support::pair(Reply::Silent, FAST_TIMEOUTS).await;
     let got = send(
         Version::HTTP_11,
         "PUT",
@@ -279,8 +271,7 @@ async fn a_silent_upstream_gives_504() {
 
 #[tokio::test]
 async fn a_trickled_policed_body_times_out_with_408() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), FAST_TIMEOUTS).await;
+    let (upstream, proxy) = support::pair(Reply::Ok, FAST_TIMEOUTS).await;
     // Content-Length promises more than is ever sent.
     let request =
         format!("PUT {UPDATE} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{\"snapshot\":");
@@ -291,8 +282,7 @@ async fn a_trickled_policed_body_times_out_with_408() {
 
 #[tokio::test]
 async fn host_and_forwarded_headers_are_set_for_the_upstream() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
     let got = send(
         Version::HTTP_11,
         "GET",
@@ -311,9 +301,8 @@ async fn host_and_forwarded_headers_are_set_for_the_upstream() {
         proxy.addr.to_string().as_str()
     );
 
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(
-        &upstream.url(),
+    let (upstream, proxy) = support::pair(
+        Reply::Ok,
         "[upstream]\npreserve_host = true\n[forwarding]\nx_forwarded = false\n",
     )
     .await;
@@ -332,8 +321,7 @@ async fn host_and_forwarded_headers_are_set_for_the_upstream() {
 
 #[tokio::test]
 async fn request_ids_travel_both_ways() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
     let got = send(
         Version::HTTP_11,
         "GET",
@@ -371,8 +359,7 @@ async fn request_ids_travel_both_ways() {
 
 #[tokio::test]
 async fn signed_requests_are_policed_but_forwarded_byte_for_byte() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
     let auth = (
         "authorization",
         "SDK-HMAC-SHA256 Access=AK, SignedHeaders=content-type;host;x-sdk-date, Signature=abc",
@@ -411,9 +398,8 @@ async fn signed_requests_are_policed_but_forwarded_byte_for_byte() {
 
 #[tokio::test]
 async fn audit_mode_forwards_violations_unchanged() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(
-        &upstream.url(),
+    let (upstream, proxy) = support::pair(
+        Reply::Ok,
         "[policy]\nmode = \"audit\"\nmax_body_bytes = 100\n",
     )
     .await;
@@ -456,8 +442,7 @@ async fn audit_mode_forwards_violations_unchanged() {
 
 #[tokio::test]
 async fn an_encoded_slash_in_a_snapshot_route_is_refused() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
     let got = send(
         Version::HTTP_11,
         "PUT",
@@ -537,8 +522,7 @@ async fn an_https_upstream_is_verified_against_the_configured_ca() {
 
 #[tokio::test]
 async fn signed_headers_are_never_rewritten() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
     let auth =
         "SDK-HMAC-SHA256 Access=AK, SignedHeaders=host;x-request-id;x-forwarded-for, Signature=abc";
     let headers = [
@@ -567,8 +551,7 @@ async fn signed_headers_are_never_rewritten() {
 
 #[tokio::test]
 async fn the_http2_authority_is_the_downstream_host() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "[upstream]\npreserve_host = true\n").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "[upstream]\npreserve_host = true\n").await;
     let got = send(
         Version::HTTP_2,
         "GET",
@@ -588,8 +571,7 @@ async fn the_http2_authority_is_the_downstream_host() {
 
 #[tokio::test]
 async fn the_upstream_deadline_starts_once_the_body_is_sent() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), FAST_TIMEOUTS).await;
+    let (upstream, proxy) = support::pair(Reply::Ok, FAST_TIMEOUTS).await;
     // A body trickled over 1.5 s, three times the 500 ms upstream deadline, but never idle
     // for as long as the deadline.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -609,8 +591,7 @@ async fn the_upstream_deadline_starts_once_the_body_is_sent() {
 
 #[tokio::test]
 async fn a_body_that_breaks_off_is_the_downstream_fault() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (_upstream, proxy) = support::pair(Reply::Ok, "").await;
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     stream
         .write_all(b"POST /v3/p1/volumes/v1/action HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nonly this")

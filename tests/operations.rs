@@ -29,8 +29,7 @@ fn requests(route: &str, method: &str, decision: &str, status: u16) -> String {
 
 #[tokio::test]
 async fn each_metric_moves_when_it_should() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
     let url = |p: &str| proxy.url(p);
 
     let text = String::from_utf8(admin_get(proxy.admin, "/metrics").await.body.to_vec()).unwrap();
@@ -142,8 +141,7 @@ async fn each_metric_moves_when_it_should() {
 
 #[tokio::test]
 async fn health_and_readiness_answer_on_the_admin_port() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
     assert_eq!(
         admin_get(proxy.admin, "/healthz").await.status,
         StatusCode::OK
@@ -458,8 +456,8 @@ async fn audit_mode_logs_counts_and_forwards_violations() {
 
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed_after_the_header_timeout() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "[timeouts]\nrequest_header = \"300ms\"\n").await;
+    let (upstream, proxy) =
+        support::pair(Reply::Ok, "[timeouts]\nrequest_header = \"300ms\"\n").await;
     let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     stream
         .write_all(b"GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -541,8 +539,11 @@ async fn silent_and_idle_connections_are_closed_so_they_cannot_hold_every_slot()
 
 #[tokio::test]
 async fn a_long_response_is_not_cut_by_the_idle_timeout() {
-    let upstream = Upstream::start(Reply::Slow(Duration::from_millis(1200))).await;
-    let proxy = Proxy::start(&upstream.url(), "[timeouts]\nidle = \"300ms\"\n").await;
+    let (upstream, proxy) = support::pair(
+        Reply::Slow(Duration::from_millis(1200)),
+        "[timeouts]\nidle = \"300ms\"\n",
+    )
+    .await;
     for version in [Version::HTTP_11, Version::HTTP_2] {
         let got = send(version, "GET", &proxy.url("/v3/p1/volumes"), &[], "").await;
         assert_eq!(got.status, StatusCode::OK, "{version:?}");

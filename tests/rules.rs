@@ -22,8 +22,7 @@ fn named(name: &str) -> String {
 
 #[tokio::test]
 async fn the_example_rules_hold_through_the_proxy() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), EXAMPLE).await;
+    let (upstream, proxy) = support::pair(Reply::Ok, EXAMPLE).await;
     let put = |project: &str, body: String| {
         let url = proxy.url(&format!("/v3/{project}/snapshots/s1"));
         async move { send(Version::HTTP_11, "PUT", &url, &[], body).await }
@@ -95,8 +94,7 @@ async fn the_example_rules_hold_through_the_proxy() {
 
 #[tokio::test]
 async fn an_exempt_project_may_use_the_reserved_prefix_and_is_counted() {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), EXAMPLE).await;
+    let (upstream, proxy) = support::pair(Reply::Ok, EXAMPLE).await;
     let reserved = named("autobk_snapshot_nightly");
     let url = proxy.url(&format!("/v3/{EXEMPT}/snapshots/s1"));
     let got = send(Version::HTTP_11, "PUT", &url, &[], reserved.clone()).await;

@@ -10,7 +10,7 @@
 mod support;
 
 use http::{StatusCode, Version};
-use support::{send, Proxy, Reply, Seen, Upstream, NOT_FOUND_BODY, OK_BODY};
+use support::{send, Reply, Seen, NOT_FOUND_BODY, OK_BODY};
 
 const UPDATE: &str = "/v3/p1/snapshots/s1";
 
@@ -22,8 +22,7 @@ async fn through(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (support::Got, Vec<Seen>) {
-    let upstream = Upstream::start(Reply::Ok).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
     let got = send(
         Version::HTTP_11,
         method,
@@ -273,8 +272,7 @@ async fn other_routes_are_forwarded_unchanged_and_not_inspected() {
 
 #[tokio::test]
 async fn an_upstream_404_is_passed_through_as_is() {
-    let upstream = Upstream::start(Reply::NotFound).await;
-    let proxy = Proxy::start(&upstream.url(), "").await;
+    let (upstream, proxy) = support::pair(Reply::NotFound, "").await;
     let got = send(
         Version::HTTP_11,
         "PUT",

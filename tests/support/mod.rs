@@ -482,6 +482,13 @@ pub async fn wait_ready(admin: SocketAddr) {
     panic!("snapguard at {admin} did not become ready");
 }
 
+/// A recording upstream answering with `reply`, and snapguard with `toml` in front of it.
+pub async fn pair(reply: Reply, toml: &str) -> (Upstream, Proxy) {
+    let upstream = Upstream::start(reply).await;
+    let proxy = Proxy::start(&upstream.url(), toml).await;
+    (upstream, proxy)
+}
+
 /// A response, read whole.
 #[derive(Debug)]
 pub struct Got {
