@@ -539,7 +539,7 @@ async fn silent_and_idle_connections_are_closed_so_they_cannot_hold_every_slot()
 
 #[tokio::test]
 async fn a_long_response_is_not_cut_by_the_idle_timeout() {
-    let (upstream, proxy) = support::pair(
+    let (_upstream, proxy) = support::pair(
         Reply::Slow(Duration::from_millis(1200)),
         "[timeouts]\nidle = \"300ms\"\n",
     )
