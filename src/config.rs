@@ -360,6 +360,17 @@ impl Config {
                 });
             }
             names.push(&rule.name);
+            let policed = |field: &String| {
+                self.routes
+                    .iter()
+                    .any(|r| r.name_fields.contains(field) || r.description_fields.contains(field))
+            };
+            if let Some(field) = rule.listed_fields().iter().find(|f| !policed(f)) {
+                return Err(ConfigError::Invalid {
+                    key: "rules",
+                    reason: format!("rule '{}': no route polices the field {field:?}", rule.name),
+                });
+            }
             for template in rule.routes.iter().flatten() {
                 if !self.routes.iter().any(|r| *r.template == **template) {
                     return Err(ConfigError::Invalid {

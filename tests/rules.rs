@@ -108,7 +108,9 @@ async fn an_exempt_project_may_use_the_reserved_prefix_and_is_counted() {
     )
     .await;
 
-    // Any other project, or no project in the path, is not exempt.
+    // Any other project, or no project in the path, is not exempt: refused by the reserved
+    // prefix itself (the example's team-prefix rule would refuse the name too).
+    let message = "Names starting with 'autobk_snapshot_' are reserved";
     let got = send(
         Version::HTTP_11,
         "PUT",
@@ -118,6 +120,11 @@ async fn an_exempt_project_may_use_the_reserved_prefix_and_is_counted() {
     )
     .await;
     assert_eq!(got.status, StatusCode::BAD_REQUEST);
+    let said = got.json()["badRequest"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(said.contains(message), "{said}");
     let got = send(
         Version::HTTP_11,
         "PUT",
@@ -127,7 +134,23 @@ async fn an_exempt_project_may_use_the_reserved_prefix_and_is_counted() {
     )
     .await;
     assert_eq!(got.status, StatusCode::BAD_REQUEST);
+    let said = got.json()["badRequest"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(said.contains(message), "{said}");
     assert_eq!(upstream.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn a_rule_on_name_also_sees_display_name() {
+    let config = "[[rules]]\nname = \"lower\"\nfields = [\"name\"]\ndeny = '[A-Z]'\nmessage = \"lowercase only\"\n";
+    let (upstream, proxy) = support::pair(Reply::Ok, config).await;
+    let url = proxy.url("/v3/p1/snapshots/s1");
+    let body = r#"{"snapshot":{"display_name":"Prod_DB"}}"#;
+    let got = send(Version::HTTP_11, "PUT", &url, &[], body).await;
+    assert_eq!(got.status, StatusCode::BAD_REQUEST);
+    assert!(upstream.seen().is_empty());
 }
 
 #[tokio::test]
@@ -188,6 +211,10 @@ async fn bad_rules_are_refused_at_load_naming_the_rule() {
         (
             "[[rules]]\nname = \"r\"\nmax_chars = 3\nmessage = \"m\"\n[[rules]]\nname = \"r\"\nmax_chars = 4\nmessage = \"m\"\n",
             "used twice",
+        ),
+        (
+            "[[rules]]\nname = \"r\"\nfields = [\"volume_id\"]\nmax_chars = 3\nmessage = \"m\"\n",
+            "no route polices the field \"volume_id\"",
         ),
     ] {
         let err = snapguard::Config::from_toml(text).unwrap_err().to_string();

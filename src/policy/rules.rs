@@ -59,8 +59,10 @@ fn names() -> Fields {
     Fields::Kind(FieldKind::Names)
 }
 
-/// Which projects something applies to. The project id comes from the `{project_id}` segment
-/// of the route; on a route without one, only `All` and `Except` apply.
+/// Which projects a rule applies to. The project id comes from the `{project_id}` segment of
+/// the route. Scopes fail closed: on a route without a project id (Cinder 3.67+ URLs) every
+/// rule applies, since the project cannot be known there and a URL spelling must not be a way
+/// around a rule; and `Only` compares ids ignoring ASCII case, as a gateway might.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {
     All,
@@ -72,7 +74,9 @@ impl Scope {
     pub fn includes(&self, project: Option<&str>) -> bool {
         match self {
             Scope::All => true,
-            Scope::Only(ids) => project.is_some_and(|p| ids.iter().any(|id| id == p)),
+            Scope::Only(ids) => {
+                project.is_none_or(|p| ids.iter().any(|id| id.eq_ignore_ascii_case(p)))
+            }
             Scope::Except(ids) => !project.is_some_and(|p| ids.iter().any(|id| id == p)),
         }
     }
@@ -92,8 +96,19 @@ pub struct Rule {
     message: String,
 }
 
-/// Compiled patterns are bounded, so a hostile config cannot make one huge.
-const PATTERN_SIZE_LIMIT: usize = 1 << 20;
+/// Compiled patterns are bounded, so a config cannot make one huge (the regex crate's own
+/// default: Unicode classes such as `\w{1,63}` need several MiB).
+const PATTERN_SIZE_LIMIT: usize = 10 << 20;
+
+impl Rule {
+    /// The fields a rule names explicitly, for the config to check they are policed somewhere.
+    pub fn listed_fields(&self) -> &[String] {
+        match &self.fields {
+            Fields::List(list) => list,
+            Fields::Kind(_) => &[],
+        }
+    }
+}
 
 impl TryFrom<RuleSpec> for Rule {
     type Error = String;
@@ -158,7 +173,17 @@ impl Rule {
 
     /// Whether the rule checks `field` on `route`.
     pub fn covers(&self, route: &Route, field: &str) -> bool {
-        let named = |list: &[String]| list.iter().any(|f| f == field);
+        // A legacy spelling (`display_name`) is covered wherever the field it stands for is:
+        // Cinder stores it under that name.
+        let current = route
+            .renames
+            .iter()
+            .find(|(legacy, _)| legacy == field)
+            .map(|(_, current)| current.as_str());
+        let named = |list: &[String]| {
+            list.iter()
+                .any(|f| f == field || Some(f.as_str()) == current)
+        };
         match &self.fields {
             Fields::Kind(FieldKind::Names) => named(&route.name_fields),
             Fields::Kind(FieldKind::Descriptions) => named(&route.description_fields),
@@ -237,6 +262,17 @@ mod tests {
         )
         .unwrap();
         assert!(listed.covers(update, "description") && !listed.covers(update, "name"));
+        assert!(
+            listed.covers(update, "display_description"),
+            "the legacy spelling too"
+        );
+        let name_only =
+            rule("[rule]\nname = \"l\"\nfields = [\"name\"]\nmax_chars = 1\nmessage = \"m\"\n")
+                .unwrap();
+        assert!(
+            name_only.covers(update, "display_name"),
+            "display_name is stored as name"
+        );
     }
 
     #[test]
@@ -252,9 +288,10 @@ mod tests {
             .unwrap();
         assert!(r.applies(create, Some("p1")));
         assert!(!r.applies(create, Some("p2")));
+        assert!(r.applies(create, Some("P1")), "ids compare ignoring case");
         assert!(
-            !r.applies(create, None),
-            "no project id: an only-these rule does not apply"
+            r.applies(create, None),
+            "no project id: every rule applies (fail closed)"
         );
         assert!(!r.applies(&routes[0], Some("p1")), "another route");
 
@@ -281,6 +318,18 @@ mod tests {
         ] {
             let err = rule(text).unwrap_err();
             assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn ordinary_unicode_patterns_compile() {
+        for pattern in [
+            r"^\w{1,63}$",
+            r"^[\w-]{3,40}$",
+            r"^\p{L}[\p{L}\p{N} _-]{0,62}$",
+        ] {
+            let text = format!("[rule]\nname = \"u\"\nrequire = '{pattern}'\nmessage = \"m\"\n");
+            assert!(rule(&text).is_ok(), "{pattern}: {:?}", rule(&text).err());
         }
     }
 
