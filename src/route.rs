@@ -228,9 +228,11 @@ pub fn classify<'a>(
     if policed.is_none() && facts.dot_segments {
         policed = find(&read(path, Reading::ONCE_KEEP_DOTS));
     }
-    // And with `;` as data, as Cinder's router takes it: `/snapshots/;x` updates snapshot `;x`.
+    // And with `;` cut only where it is raw (RFC 3986: `%3B` is data), or never cut, as
+    // Cinder's router takes it: `/snapshots/;x` updates snapshot `;x`.
     if policed.is_none() && facts.semicolons {
-        policed = find(&read(path, Reading::ONCE_KEEP_PARAMS));
+        policed = find(&read(path, Reading::ONCE_RAW_PARAMS))
+            .or_else(|| find(&read(path, Reading::ONCE_KEEP_PARAMS)));
     }
     // Readings that a server decoding before splitting, or decoding twice, would make: if any
     // of them is a policed route, the request cannot be classified with certainty.
@@ -327,7 +329,18 @@ struct Reading {
     decode_twice: bool,
     split_encoded: bool,
     resolve_dots: bool,
-    cut_params: bool,
+    params: Params,
+}
+
+/// Where a segment's `;params` are cut, if at all.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Params {
+    /// At the first `;` once decoded: `%3B` cuts too.
+    CutDecoded,
+    /// At the first raw `;`, before decoding (RFC 3986): `%3B` is data.
+    CutRaw,
+    /// Never: `;` is data, as Cinder's router reads it.
+    Keep,
 }
 
 impl Reading {
@@ -335,10 +348,14 @@ impl Reading {
         decode_twice: false,
         split_encoded: false,
         resolve_dots: true,
-        cut_params: true,
+        params: Params::CutDecoded,
+    };
+    const ONCE_RAW_PARAMS: Self = Self {
+        params: Params::CutRaw,
+        ..Self::ONCE
     };
     const ONCE_KEEP_PARAMS: Self = Self {
-        cut_params: false,
+        params: Params::Keep,
         ..Self::ONCE
     };
     const ONCE_KEEP_DOTS: Self = Self {
@@ -357,7 +374,7 @@ impl Reading {
         decode_twice: true,
         split_encoded: true,
         resolve_dots: true,
-        cut_params: true,
+        params: Params::CutDecoded,
     };
 }
 
@@ -367,6 +384,10 @@ impl Reading {
 fn read(path: &str, how: Reading) -> Vec<Cow<'_, [u8]>> {
     let mut out: Vec<Cow<'_, [u8]>> = Vec::new();
     for raw in path.split('/') {
+        let raw = match how.params {
+            Params::CutRaw => raw.split(';').next().unwrap_or_default(),
+            Params::CutDecoded | Params::Keep => raw,
+        };
         let mut segment = percent_decode(raw.as_bytes());
         if how.decode_twice {
             segment = Cow::Owned(percent_decode(&segment).into_owned());
@@ -385,7 +406,7 @@ fn read(path: &str, how: Reading) -> Vec<Cow<'_, [u8]>> {
 fn push_segment<'p>(out: &mut Vec<Cow<'p, [u8]>>, segment: Cow<'p, [u8]>, how: Reading) {
     let end = segment
         .iter()
-        .position(|b| how.cut_params && *b == b';')
+        .position(|b| how.params == Params::CutDecoded && *b == b';')
         .unwrap_or(segment.len());
     let cut = match segment {
         Cow::Borrowed(s) => Cow::Borrowed(&s[..end]),
@@ -526,6 +547,7 @@ mod tests {
             "/v3/p1/snapshots/;x",
             "/v3/p1/snapshots/%3Bx",
             "/v3/p1/snapshots/%3bs1;y",
+            "/%76%33;ns/%00;%00/SNAPShOTs;/%3B",
             "/a/b/../../v3/p1/snapshots/s1",
             "/../v3/p1/snapshots/s1",
         ] {
