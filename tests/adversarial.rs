@@ -281,6 +281,11 @@ async fn path_spellings() {
             Refused(400),
         ),
         (
+            "raw params on literals, an encoded ; as the id",
+            put("/v3;a/p1/snapshots;b/%3B", RESERVED),
+            Refused(400),
+        ),
+        (
             "query",
             put("/v3/p1/snapshots/s1?x=1", RESERVED),
             Refused(400),
