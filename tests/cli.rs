@@ -7,10 +7,10 @@
 mod support;
 
 use std::io::Write;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use http::{StatusCode, Version};
-use support::{free_addr, send, wait_ready, Reply, Upstream};
+use support::{send, Binary, Reply, Upstream};
 
 const BIN: &str = env!("CARGO_BIN_EXE_snapguard");
 
@@ -183,37 +183,11 @@ fn check_config_accepts_the_shipped_file_and_names_a_bad_key() {
     );
 }
 
-/// Stops the child on drop, so a failing test leaves no process behind.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn the_binary_runs_on_flags_alone_and_drains_on_sigterm() {
     let upstream = Upstream::start(Reply::Ok).await;
-    let (listen, admin) = (free_addr(), free_addr());
-    let child = Command::new(BIN)
-        .args([
-            "--listen",
-            &listen.to_string(),
-            "--admin",
-            &admin.to_string(),
-            "--upstream",
-            &upstream.url(),
-        ])
-        .args(["--log-format", "json"])
-        .env_remove("SNAPGUARD_CONFIG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Running(child);
-    wait_ready(admin).await;
+    let mut bin = Binary::flags_only(BIN, &upstream.url(), &["--log-format", "json"]).await;
+    let listen = bin.addr;
 
     let url = |p: &str| format!("http://{listen}{p}");
     let got = send(
@@ -239,35 +213,16 @@ async fn the_binary_runs_on_flags_alone_and_drains_on_sigterm() {
         r#"{"snapshot":{"name":"new"}}"#.as_bytes()
     );
 
-    let pid = child.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = tokio::task::spawn_blocking(move || {
-        let status = child.0.wait().unwrap();
-        let mut err = String::new();
-        use std::io::Read;
-        child
-            .0
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (status, err)
-    })
-    .await
-    .unwrap();
-    assert_eq!(status.0.code(), Some(0), "{}", status.1);
+    bin.signal("TERM");
+    let status = bin.wait().await;
+    let log = bin.log();
+    assert_eq!(status.code(), Some(0), "{log}");
     // One JSON access line per request, with the decision.
-    let access: Vec<&str> = status
-        .1
+    let access: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("snapguard::access"))
         .collect();
-    assert_eq!(access.len(), 2, "{}", status.1);
+    assert_eq!(access.len(), 2, "{log}");
     assert!(
         access[0].contains(r#""decision":"rejected""#)
             && access[0].contains(r#""rule":"reserved_prefix""#),

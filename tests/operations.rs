@@ -254,7 +254,7 @@ async fn the_access_log_has_every_field_and_never_a_secret() {
 #[tokio::test]
 async fn sigterm_drains_in_flight_requests_and_refuses_new_connections() {
     let upstream = Upstream::start(Reply::Slow(Duration::from_millis(1500))).await;
-    let bin = Binary::start(binary_path(), &upstream.url(), "", &[]).await;
+    let mut bin = Binary::start(binary_path(), &upstream.url(), "", &[]).await;
     let url = bin.url("/v3/p1/volumes");
     let in_flight = tokio::spawn(async move { send(Version::HTTP_11, "GET", &url, &[], "").await });
     for _ in 0..200 {

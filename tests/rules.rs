@@ -111,34 +111,22 @@ async fn an_exempt_project_may_use_the_reserved_prefix_and_is_counted() {
     // Any other project, or no project in the path, is not exempt: refused by the reserved
     // prefix itself (the example's team-prefix rule would refuse the name too).
     let message = "Names starting with 'autobk_snapshot_' are reserved";
-    let got = send(
-        Version::HTTP_11,
-        "PUT",
-        &proxy.url("/v3/p1/snapshots/s1"),
-        &[],
-        reserved.clone(),
-    )
-    .await;
-    assert_eq!(got.status, StatusCode::BAD_REQUEST);
-    let said = got.json()["badRequest"]["message"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert!(said.contains(message), "{said}");
-    let got = send(
-        Version::HTTP_11,
-        "PUT",
-        &proxy.url("/v3/snapshots/s1"),
-        &[],
-        reserved,
-    )
-    .await;
-    assert_eq!(got.status, StatusCode::BAD_REQUEST);
-    let said = got.json()["badRequest"]["message"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert!(said.contains(message), "{said}");
+    for path in ["/v3/p1/snapshots/s1", "/v3/snapshots/s1"] {
+        let got = send(
+            Version::HTTP_11,
+            "PUT",
+            &proxy.url(path),
+            &[],
+            reserved.clone(),
+        )
+        .await;
+        assert_eq!(got.status, StatusCode::BAD_REQUEST, "{path}");
+        let said = got.json()["badRequest"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(said.contains(message), "{path}: {said}");
+    }
     assert_eq!(upstream.seen().len(), 1);
 }
 

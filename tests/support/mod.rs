@@ -321,6 +321,7 @@ impl Proxy {
         }
         if let Some(child) = self.child.take() {
             child.signal("TERM");
+            let mut child = child;
             let status = child.wait().await;
             assert!(status.success(), "snapguard exited with {status}");
         }
@@ -343,6 +344,21 @@ pub struct Binary {
 impl Binary {
     /// Starts `bin` with `toml` in front of `upstream` and waits until it is ready.
     pub async fn start(bin: &str, upstream: &str, toml: &str, env: &[(&str, &str)]) -> Self {
+        Self::launch(bin, upstream, Some(toml), &[], env).await
+    }
+
+    /// Starts `bin` with no config file at all, on flags (and `extra` ones) alone.
+    pub async fn flags_only(bin: &str, upstream: &str, extra: &[&str]) -> Self {
+        Self::launch(bin, upstream, None, extra, &[]).await
+    }
+
+    async fn launch(
+        bin: &str,
+        upstream: &str,
+        toml: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let stem = std::env::temp_dir().join(format!(
             "snapguard-test-{}-{}",
@@ -350,11 +366,14 @@ impl Binary {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         let (config, log) = (stem.with_extension("toml"), stem.with_extension("log"));
-        std::fs::write(&config, toml).unwrap();
         let (addr, admin) = (free_addr(), free_addr());
-        let child = Command::new(bin)
-            .arg("--config")
-            .arg(&config)
+        let mut command = Command::new(bin);
+        command.env_remove("SNAPGUARD_CONFIG");
+        if let Some(toml) = toml {
+            std::fs::write(&config, toml).unwrap();
+            command.arg("--config").arg(&config);
+        }
+        let child = command
             .args([
                 "--listen",
                 &addr.to_string(),
@@ -363,7 +382,9 @@ impl Binary {
                 "--upstream",
                 upstream,
             ])
+            .args(extra)
             .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn snapguard");
@@ -394,7 +415,7 @@ impl Binary {
     }
 
     /// Waits for the process to exit.
-    pub async fn wait(mut self) -> std::process::ExitStatus {
+    pub async fn wait(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
         tokio::task::spawn_blocking(move || child.wait())
             .await
