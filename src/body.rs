@@ -16,6 +16,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::access::Exchange;
 use crate::conn::InFlight;
+use crate::upstream::Lease;
 
 #[derive(Debug, Default)]
 pub struct ProxyBody {
@@ -24,6 +25,9 @@ pub struct ProxyBody {
     tally: Tally,
     /// Keeps the exchange counted as in flight on its connection until the body is done.
     in_flight: Option<InFlight>,
+    /// The upstream connection a response body comes from, released as soon as it has been
+    /// read whole.
+    lease: Option<Lease>,
 }
 
 /// Where the bytes a body carries are counted.
@@ -111,6 +115,22 @@ impl ProxyBody {
         self
     }
 
+    /// Returns `lease`'s connection to the pool once this (response) body has been read whole.
+    pub fn leasing(mut self, lease: Lease) -> Self {
+        self.lease = Some(lease);
+        self.release_if_read();
+        self
+    }
+
+    /// Once the upstream body has ended, its connection can serve another request.
+    fn release_if_read(&mut self) {
+        if self.rest.as_ref().is_none_or(Body::is_end_stream) {
+            if let Some(lease) = self.lease.take() {
+                lease.release();
+            }
+        }
+    }
+
     /// Attaches the exchange's record, written when this response body is dropped.
     pub fn finishing(mut self, exchange: Box<Exchange>) -> Self {
         self.tally = Tally::Response(exchange);
@@ -165,10 +185,21 @@ impl Body for ProxyBody {
             return Poll::Ready(None);
         };
         let polled = Pin::new(rest).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                this.count(data.len());
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.count(data.len());
+                }
+                // A sized body ends with its last frame: hyper will not poll it again.
+                if this.lease.is_some() {
+                    this.release_if_read();
+                }
             }
+            Poll::Ready(None) => {
+                this.rest = None;
+                this.release_if_read();
+            }
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
         }
         polled
     }

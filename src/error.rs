@@ -14,6 +14,7 @@ use crate::body::ProxyBody;
 use crate::config::ErrorsConfig;
 use crate::policy::Violation;
 use crate::route::ErrorStyle;
+use crate::upstream::SendError;
 
 /// Why a request did not get an upstream response.
 #[derive(Debug, thiserror::Error)]
@@ -25,15 +26,15 @@ pub enum Error {
     #[error("request body could not be read: {0}")]
     BodyRead(#[source] hyper::Error),
     #[error("request body broke off while being forwarded: {0}")]
-    DownstreamBody(#[source] hyper_util::client::legacy::Error),
+    DownstreamBody(#[source] hyper::Error),
     #[error("request target {0:?} cannot be forwarded")]
     BadTarget(String),
     #[error("method {0} is not proxied")]
     Method(http::Method),
     #[error("upstream connection failed: {0}")]
-    UpstreamConnect(#[source] hyper_util::client::legacy::Error),
+    UpstreamConnect(#[source] SendError),
     #[error("upstream request failed: {0}")]
-    Upstream(#[source] hyper_util::client::legacy::Error),
+    Upstream(#[source] hyper::Error),
     #[error("upstream sent no response within {0:?}")]
     UpstreamTimeout(Duration),
 }

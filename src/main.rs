@@ -260,3 +260,6 @@ fn run_check(cli: &Cli, method: &str, path: &str, header_args: &[String]) -> Exi
         ExitCode::from(1)
     }
 }
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -27,24 +27,24 @@ use crate::headers::{add_forwarded, strip_hop_by_hop, RequestIds, X_REQUEST_ID};
 use crate::metrics::Metrics;
 use crate::policy::{self, Mode, Target, Verdict, Violation};
 use crate::route::{self, Class, ErrorStyle, Route};
-use crate::upstream::{self, TlsError, UpstreamClient};
+use crate::upstream::{Lease, SendError, TlsError, Upstream};
 
 /// What a reload replaces whole: the config and the upstream client built from it.
 pub struct Runtime {
     pub config: Config,
-    client: UpstreamClient,
+    upstream: Upstream,
     /// The upstream authority as a Host value, made once.
     upstream_host: HeaderValue,
 }
 
 impl Runtime {
     pub fn new(config: Config) -> Result<Self, TlsError> {
-        let client = upstream::client(&config)?;
+        let upstream = Upstream::new(&config)?;
         let upstream_host = HeaderValue::from_str(config.upstream.url.authority.as_str())
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Ok(Self {
             config,
-            client,
+            upstream,
             upstream_host,
         })
     }
@@ -52,7 +52,7 @@ impl Runtime {
 
 /// The result of handling one request, before it becomes a response.
 struct Outcome {
-    result: Result<Response<Incoming>, Error>,
+    result: Result<(Response<Incoming>, Lease), Error>,
     decision: Decision,
     /// The policy rule violated, if any (also in audit mode, where the request is forwarded).
     rule: Option<Cow<'static, str>>,
@@ -155,10 +155,11 @@ impl Proxy {
 
         let error = outcome.result.as_ref().err().map(Error::kind);
         let (mut response, body) = match outcome.result {
-            Ok(response) => {
+            Ok((response, lease)) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                (Response::from_parts(parts, ()), ProxyBody::stream(body))
+                let body = ProxyBody::stream(body).leasing(lease);
+                (Response::from_parts(parts, ()), body)
             }
             Err(e) => {
                 if e.status().is_server_error() {
@@ -314,19 +315,13 @@ impl Proxy {
     ) -> Outcome {
         let rt = cx.rt;
         let upstream = &rt.config.upstream;
-        // The original path and query bytes, whatever form the request target had.
+        // The original path and query bytes, whatever form the request target had, sent in
+        // origin form.
         let uri = parts
             .uri
             .path_and_query()
             .filter(|pq| pq.as_str().starts_with('/'))
-            .and_then(|target| {
-                Uri::builder()
-                    .scheme(upstream.url.scheme.clone())
-                    .authority(upstream.url.authority.clone())
-                    .path_and_query(target.clone())
-                    .build()
-                    .ok()
-            });
+            .map(|target| Uri::from(target.clone()));
         let Some(uri) = uri else {
             return Outcome::refused(Error::BadTarget(parts.uri.to_string()));
         };
@@ -381,17 +376,19 @@ impl Proxy {
         let limit = rt.config.timeouts.upstream_response;
         let body = body.tracking(cx.progress.clone());
         let sent = Instant::now();
-        let response = rt.client.request(Request::from_parts(parts, body));
+        let response = rt.upstream.send(Request::from_parts(parts, body));
         tokio::pin!(response);
         let result = loop {
             let deadline =
                 tokio::time::Instant::from_std(cx.progress.last_moved().max(sent) + limit);
             tokio::select! {
                 result = &mut response => break match result {
-                    Ok(response) => Ok(response),
-                    Err(e) if e.is_connect() => Err(Error::UpstreamConnect(e)),
-                    Err(e) if downstream_fault(&e) => Err(Error::DownstreamBody(e)),
-                    Err(e) => Err(Error::Upstream(e)),
+                    Ok(exchange) => Ok(exchange),
+                    Err(e @ SendError::Connect(_)) => Err(Error::UpstreamConnect(e)),
+                    // The request body broke off (the client went away, or sent a malformed
+                    // chunk) while being sent on: the downstream's fault.
+                    Err(SendError::Exchange(e)) if e.is_user() => Err(Error::DownstreamBody(e)),
+                    Err(SendError::Exchange(e)) => Err(Error::Upstream(e)),
                 },
                 () = tokio::time::sleep_until(deadline) => {
                     if cx.progress.last_moved().max(sent) + limit <= Instant::now() {
@@ -413,14 +410,6 @@ impl Proxy {
             upstream: Some(took),
         }
     }
-}
-
-/// Whether a failed upstream exchange failed on the downstream's side: its request body
-/// broke off (the client went away, or sent a malformed chunk) while being sent on.
-fn downstream_fault(e: &hyper_util::client::legacy::Error) -> bool {
-    std::error::Error::source(e)
-        .and_then(|source| source.downcast_ref::<hyper::Error>())
-        .is_some_and(hyper::Error::is_user)
 }
 
 /// A policed body, read up to its limit.

@@ -609,3 +609,143 @@ async fn a_body_that_breaks_off_is_the_downstream_fault() {
     let text = String::from_utf8_lossy(&metrics.body);
     assert!(!text.contains("snapguard_upstream_errors_total{"), "{text}");
 }
+
+// Upstream connections: kept alive, reused only when whole, closed when idle.
+
+const ALLOWED: &str = r#"{"snapshot":{"name":"snap-001"}}"#;
+
+/// Waits until `upstream` has `want` connections open, or panics after a few seconds.
+async fn await_open(upstream: &Upstream, want: usize) {
+    for _ in 0..200 {
+        if upstream.open() == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!(
+        "upstream has {} connections open, not {want}",
+        upstream.open()
+    );
+}
+
+#[tokio::test]
+async fn one_upstream_connection_serves_requests_in_turn() {
+    for reply in [Reply::Ok, Reply::Large(MIB)] {
+        let (upstream, proxy) = support::pair(reply, "").await;
+        for i in 0..6 {
+            let got = if i % 2 == 0 {
+                send(
+                    Version::HTTP_11,
+                    "GET",
+                    &proxy.url("/v3/p1/volumes"),
+                    &[],
+                    "",
+                )
+                .await
+            } else {
+                send(Version::HTTP_11, "PUT", &proxy.url(UPDATE), &[], ALLOWED).await
+            };
+            assert_eq!(got.status, StatusCode::OK);
+        }
+        assert_eq!(upstream.seen().len(), 6);
+        assert_eq!(
+            upstream.accepted(),
+            1,
+            "the connection went back to the pool"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_abandoned_response_closes_its_upstream_connection() {
+    let (upstream, proxy) = support::pair(Reply::Large(64 * MIB), "").await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 4096];
+    let n = stream.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    drop(stream);
+    // The rest of that body would be read as the next response: the connection must close.
+    await_open(&upstream, 0).await;
+
+    let got = send(
+        Version::HTTP_11,
+        "GET",
+        &proxy.url("/v3/p1/volumes"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    support::assert_pattern(&got.body, 64 * MIB);
+    assert_eq!(upstream.accepted(), 2);
+}
+
+#[tokio::test]
+async fn connections_the_upstream_closes_are_not_reused() {
+    // Said in the response...
+    let close = Reply::WithHeaders(vec![("connection", "close")]);
+    let (upstream, proxy) = support::pair(close, "").await;
+    for _ in 0..3 {
+        let got = send(Version::HTTP_11, "PUT", &proxy.url(UPDATE), &[], ALLOWED).await;
+        assert_eq!(got.status, StatusCode::OK);
+    }
+    assert_eq!(upstream.accepted(), 3);
+
+    // ...or not: an upstream that hangs up after every response, without a word.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let proxy = Proxy::start(&format!("http://{addr}"), "").await;
+    for _ in 0..3 {
+        let got = send(
+            Version::HTTP_11,
+            "GET",
+            &proxy.url("/v3/p1/volumes"),
+            &[],
+            "",
+        )
+        .await;
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(got.body, "ok");
+        // Time for the hang-up to arrive: a request racing it is lost on any keep-alive client.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn idle_upstream_connections_are_closed_after_upstream_idle() {
+    let (upstream, proxy) =
+        support::pair(Reply::Ok, "[timeouts]\nupstream_idle = \"300ms\"\n").await;
+    let got = send(Version::HTTP_11, "PUT", &proxy.url(UPDATE), &[], ALLOWED).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(upstream.open(), 1, "kept for the next request");
+    await_open(&upstream, 0).await;
+
+    let got = send(Version::HTTP_11, "PUT", &proxy.url(UPDATE), &[], ALLOWED).await;
+    assert_eq!(got.status, StatusCode::OK, "a new connection replaces it");
+    assert_eq!(upstream.accepted(), 2);
+}

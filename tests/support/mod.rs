@@ -64,6 +64,9 @@ pub struct Upstream {
     seen: Arc<Mutex<Vec<Seen>>>,
     /// Body bytes received so far, over all requests, as they arrive.
     pub progress: watch::Receiver<u64>,
+    /// Connections accepted, and connections open now.
+    accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
 }
 
 impl Upstream {
@@ -79,18 +82,23 @@ impl Upstream {
         let (progress_tx, progress) = watch::channel(0u64);
         let progress_tx = Arc::new(progress_tx);
         let record = seen.clone();
+        let (accepted, open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let counters = (accepted.clone(), open.clone());
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                counters.0.fetch_add(1, Ordering::SeqCst);
                 let (record, reply, progress_tx, tls) = (
                     record.clone(),
                     reply.clone(),
                     progress_tx.clone(),
                     tls.clone(),
                 );
+                let open = OpenConnection::new(&counters.1);
                 tokio::spawn(async move {
+                    let _open = open;
                     let svc = service_fn(move |req| {
                         handle(req, record.clone(), reply.clone(), progress_tx.clone())
                     });
@@ -111,7 +119,19 @@ impl Upstream {
             addr,
             seen,
             progress,
+            accepted,
+            open,
         }
+    }
+
+    /// How many connections the upstream has accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// How many of them are open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
     }
 
     pub fn url(&self) -> String {
@@ -132,6 +152,22 @@ impl Upstream {
             seen.len()
         );
         seen.into_iter().next().unwrap()
+    }
+}
+
+/// Counts a connection as open until it drops.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn new(open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::SeqCst);
+        Self(open.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

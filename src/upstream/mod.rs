@@ -1,0 +1,196 @@
+//! The upstream client: keep-alive HTTP/1.1 connections to the one upstream, over TCP or
+//! rustls, kept in a lock-free idle [`pool`].
+//!
+//! hyper's own connection type does the HTTP; hyper-util's connector does DNS, connect timeout
+//! and TCP_NODELAY, and hyper-rustls the TLS. What hyper-util's general-purpose pooled client
+//! added on top (a locked map of pools keyed by host, a spawned task per request to watch for
+//! the connection's return) cost more per request than the policy does, so it is not used.
+//!
+//! Certificate verification is always on: the system roots, plus an optional CA bundle for
+//! private gateways. The ring provider is used explicitly so the build pulls no second crypto
+//! library.
+
+mod pool;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response, Uri};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use tower_service::Service;
+
+pub use self::pool::Lease;
+use self::pool::{Conn, Pool};
+use crate::body::ProxyBody;
+use crate::config::Config;
+use crate::conn::{self, Activity};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the upstream client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read CA bundle {path}: {source}")]
+    CaFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error(
+        "no trusted root certificate: install the system CA certificates or set upstream.ca_file"
+    )]
+    NoRoots,
+    #[error("TLS setup failed: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Why an exchange with the upstream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No connection: refused, unreachable, timed out, or the TLS handshake failed.
+    #[error("{0}")]
+    Connect(#[source] BoxError),
+    /// The exchange failed on an open connection; also when the request body broke off
+    /// ([`hyper::Error::is_user`]).
+    #[error("{0}")]
+    Exchange(#[source] hyper::Error),
+}
+
+pub struct Upstream {
+    connector: HttpsConnector<HttpConnector>,
+    /// The upstream's scheme and authority, which is all the connector reads.
+    base: Uri,
+    handshake: http1::Builder,
+    pool: Arc<Pool>,
+    idle_timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(config: &Config) -> Result<Self, TlsError> {
+        let mut http = HttpConnector::new();
+        // The https connector below decides the scheme; the TCP connector must not refuse https.
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.timeouts.upstream_connect));
+
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots(config)?)
+            .with_no_client_auth();
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let url = &config.upstream.url;
+        let base = Uri::builder()
+            .scheme(url.scheme.clone())
+            .authority(url.authority.clone())
+            .path_and_query("/")
+            .build()
+            .unwrap_or_default();
+        Ok(Self {
+            connector,
+            base,
+            handshake: http1::Builder::new(),
+            // Every downstream connection may have a request upstream at once; keeping as many
+            // idle saves reconnecting under a steady load of that size.
+            pool: Pool::new(config.limits.max_connections),
+            idle_timeout: config.timeouts.upstream_idle,
+        })
+    }
+
+    /// Sends `req` (in origin form) on a pooled or new connection. The lease must go with the
+    /// response body and be released when that body has been read whole.
+    pub async fn send(
+        &self,
+        mut req: Request<ProxyBody>,
+    ) -> Result<(Response<Incoming>, Lease), SendError> {
+        let mut pooled = self.pool.take();
+        loop {
+            let reused = pooled.is_some();
+            let mut conn = match pooled.take() {
+                Some(conn) => conn,
+                None => self.connect().await?,
+            };
+            // A pooled connection may still be settling its last exchange; one the upstream
+            // has closed fails here, before anything is sent.
+            if let Err(e) = conn.sender.ready().await {
+                if reused {
+                    continue;
+                }
+                return Err(SendError::Exchange(e));
+            }
+            // In flight before the request goes, so that the idle deadline cannot close it.
+            let in_flight = conn.activity.begin();
+            let response = conn.sender.try_send_request(req);
+            let lease = self.pool.lease(conn, in_flight);
+            match response.await {
+                Ok(response) => return Ok((response, lease)),
+                Err(mut e) => match e.take_message() {
+                    // The upstream closed a pooled connection as the request went out, before
+                    // any of it was written: once more, on a new connection.
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(SendError::Exchange(e.into_error())),
+                },
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Conn, SendError> {
+        let io = self
+            .connector
+            .clone()
+            .call(self.base.clone())
+            .await
+            .map_err(SendError::Connect)?;
+        let (sender, connection) = self
+            .handshake
+            .handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(e.into()))?;
+        let activity = Activity::new();
+        let watched = activity.clone();
+        let idle = self.idle_timeout;
+        tokio::spawn(async move {
+            if let Some(Err(e)) = conn::with_deadlines(connection, &watched, idle, idle).await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(Conn { sender, activity })
+    }
+}
+
+/// System roots plus the configured bundle; none at all for a plain-http upstream.
+fn roots(config: &Config) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    if config.upstream.url.scheme != http::uri::Scheme::HTTPS {
+        return Ok(roots);
+    }
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        tracing::warn!(error = %e, "could not load some system root certificates");
+    }
+    roots.add_parsable_certificates(native.certs);
+    if let Some(path) = &config.upstream.ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+            .map_err(|source| TlsError::CaFile {
+                path: path.clone(),
+                source,
+            })?;
+        for cert in certs {
+            roots.add(cert)?;
+        }
+    }
+    if roots.is_empty() {
+        return Err(TlsError::NoRoots);
+    }
+    Ok(roots)
+}
