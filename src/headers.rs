@@ -13,6 +13,23 @@ pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The fields RFC 9110 names as hop-by-hop even when Connection does not list them, and
+/// Connection itself.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ]
+    .contains(name)
+}
 
 /// Removes the hop-by-hop headers of RFC 9110 section 7.6.1:
 ///
@@ -26,6 +43,10 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 /// Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding and Upgrade. Names compare
 /// case-insensitively (`HeaderName` is lowercase by construction).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one look at each name costs less than seven removals.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -35,17 +56,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
+    let hop_by_hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_hop_by_hop(n))
+        .cloned()
+        .collect();
+    for name in hop_by_hop {
         headers.remove(name);
     }
+}
+
+/// A downstream peer's address as an X-Forwarded-For element, made once per connection.
+pub fn forwarded_for(ip: IpAddr) -> HeaderValue {
+    let mut buf = [0u8; 64];
+    let len = {
+        let mut rest = &mut buf[..];
+        let _ = write!(rest, "{ip}");
+        64 - rest.len()
+    };
+    // An address's text is digits, hex, dots and colons: always a valid value.
+    HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
 /// Appends the downstream peer to X-Forwarded-For, and sets X-Forwarded-Proto and
@@ -53,35 +83,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Headers for which `untouchable` holds (covered by a request signature) are left alone.
 pub fn add_forwarded(
     headers: &mut HeaderMap,
-    peer: IpAddr,
+    peer: &HeaderValue,
     proto: &'static str,
     host: Option<HeaderValue>,
     untouchable: impl Fn(&HeaderName) -> bool,
 ) {
     if !untouchable(&X_FORWARDED_FOR) {
-        // The peer's address, formatted on the stack: this runs on every request.
-        let mut buf = [0u8; 64];
-        let len = {
-            let mut rest = &mut buf[..];
-            let _ = write!(rest, "{peer}");
-            64 - rest.len()
-        };
-        let peer = &buf[..len];
         let prior: Vec<&[u8]> = headers
             .get_all(&X_FORWARDED_FOR)
             .iter()
             .map(HeaderValue::as_bytes)
             .collect();
-        let value = if prior.is_empty() {
-            HeaderValue::from_bytes(peer)
+        if prior.is_empty() {
+            headers.insert(X_FORWARDED_FOR, peer.clone());
         } else {
             let mut chain = prior.join(&b", "[..]);
             chain.extend_from_slice(b", ");
-            chain.extend_from_slice(peer);
-            HeaderValue::from_bytes(&chain)
-        };
-        if let Ok(value) = value {
-            headers.insert(X_FORWARDED_FOR, value);
+            chain.extend_from_slice(peer.as_bytes());
+            if let Ok(value) = HeaderValue::from_bytes(&chain) {
+                headers.insert(X_FORWARDED_FOR, value);
+            }
         }
     }
     if !untouchable(&X_FORWARDED_PROTO) {
@@ -95,22 +116,36 @@ pub fn add_forwarded(
     }
 }
 
-/// Hands out request ids: the downstream's own when it is sane, else a fresh one.
+/// Hands out request ids: the downstream's own when it is sane, else a fresh one,
+/// `req-` and 16 hex digits random per process (so replicas do not hand out the same ids),
+/// then a counter in at least 8 hex digits.
 #[derive(Debug)]
 pub struct RequestIds {
-    /// Random per process, so replicas do not hand out the same ids.
-    process: u64,
+    prefix: [u8; PREFIX],
     next: AtomicU64,
 }
 
+const PREFIX: usize = 4 + 16;
+
 impl Default for RequestIds {
     fn default() -> Self {
+        let process = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish();
+        let mut prefix = *b"req-0000000000000000";
+        hex(process, &mut prefix[4..]);
         Self {
-            process: std::collections::hash_map::RandomState::new()
-                .build_hasher()
-                .finish(),
+            prefix,
             next: AtomicU64::new(1),
         }
+    }
+}
+
+/// Writes `n` in lowercase hex, right-aligned and zero-padded, over all of `out`.
+fn hex(mut n: u64, out: &mut [u8]) {
+    for digit in out.iter_mut().rev() {
+        *digit = b"0123456789abcdef"[(n & 0xf) as usize];
+        n >>= 4;
     }
 }
 
@@ -125,9 +160,12 @@ impl RequestIds {
             Some(id) => id.clone(),
             None => {
                 let n = self.next.fetch_add(1, Ordering::Relaxed);
-                let id = format!("req-{:016x}{:08x}", self.process, n);
-                // Hex digits and a dash are always a valid header value; no copy is made.
-                HeaderValue::from_maybe_shared(bytes::Bytes::from(id))
+                let digits = (16 - n.leading_zeros() as usize / 4).max(8);
+                let mut id = [0u8; PREFIX + 16];
+                id[..PREFIX].copy_from_slice(&self.prefix);
+                hex(n, &mut id[PREFIX..PREFIX + digits]);
+                // Hex digits and a dash are always a valid header value.
+                HeaderValue::from_bytes(&id[..PREFIX + digits])
                     .unwrap_or(HeaderValue::from_static("req-unknown"))
             }
         }
@@ -168,6 +206,23 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["content-type", "x-auth-token"]);
+
+        // Each one alone is found, not only in company.
+        for name in [
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+        ] {
+            let mut h = map(&[(name, "x"), ("content-type", "application/json")]);
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{name} was kept");
+        }
+        let mut h = map(&[("connection", "x-secret"), ("x-secret", "1")]);
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]
@@ -179,7 +234,7 @@ mod tests {
         ]);
         add_forwarded(
             &mut h,
-            "127.0.0.1".parse().unwrap(),
+            &forwarded_for("127.0.0.1".parse().unwrap()),
             "http",
             Some(HeaderValue::from_static("api:8080")),
             |_| false,
@@ -188,7 +243,13 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api:8080");
         let mut h = HeaderMap::new();
-        add_forwarded(&mut h, "::1".parse().unwrap(), "http", None, |_| false);
+        add_forwarded(
+            &mut h,
+            &forwarded_for("::1".parse().unwrap()),
+            "http",
+            None,
+            |_| false,
+        );
         assert_eq!(h["x-forwarded-for"], "::1");
         assert!(h.get("x-forwarded-host").is_none());
 
@@ -197,9 +258,13 @@ mod tests {
             ("x-forwarded-for", "1.1.1.1"),
             ("x-forwarded-host", "signed"),
         ]);
-        add_forwarded(&mut h, "::1".parse().unwrap(), "http", None, |n| {
-            n != X_FORWARDED_PROTO
-        });
+        add_forwarded(
+            &mut h,
+            &forwarded_for("::1".parse().unwrap()),
+            "http",
+            None,
+            |n| n != X_FORWARDED_PROTO,
+        );
         assert_eq!(h["x-forwarded-for"], "1.1.1.1");
         assert_eq!(h["x-forwarded-host"], "signed");
         assert_eq!(h["x-forwarded-proto"], "http");
@@ -213,9 +278,21 @@ mod tests {
             "abc-123"
         );
         let made = ids.for_request(&map(&[("x-request-id", "has space")]));
-        assert!(made.to_str().unwrap().starts_with("req-"));
+        let made = made.to_str().unwrap();
+        assert!(made.starts_with("req-"), "{made}");
+        assert_eq!(made.len(), 4 + 16 + 8, "{made}");
+        assert!(made[4..].bytes().all(|b| b.is_ascii_hexdigit()), "{made}");
+        assert!(made.ends_with("00000001"), "the first id: {made}");
         let a = ids.for_request(&HeaderMap::new());
         let b = ids.for_request(&HeaderMap::new());
         assert_ne!(a, b);
+        assert_eq!(
+            &a.as_bytes()[..20],
+            &b.as_bytes()[..20],
+            "one process prefix"
+        );
+        ids.next.store(0x1_2345_6789, Ordering::Relaxed);
+        let long = ids.for_request(&HeaderMap::new());
+        assert!(long.to_str().unwrap().ends_with("123456789"), "{long:?}");
     }
 }

@@ -6,7 +6,6 @@
 //! [`Error::render`]; every exchange leaves one [`Exchange`] record.
 
 use std::borrow::Cow;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -76,7 +75,8 @@ impl Outcome {
 /// What one request carries through the proxy besides the request itself.
 struct Context<'r> {
     rt: &'r Runtime,
-    peer: SocketAddr,
+    /// The downstream peer's address, as X-Forwarded-For carries it.
+    peer: &'r HeaderValue,
     id: &'r HeaderValue,
     progress: &'r Arc<Progress>,
 }
@@ -112,7 +112,10 @@ impl Proxy {
     }
 
     /// Handles one downstream request. Never fails: errors become responses.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    /// `peer` is the downstream's address as an X-Forwarded-For element ([`forwarded_for`]).
+    ///
+    /// [`forwarded_for`]: crate::headers::forwarded_for
+    pub async fn handle(&self, req: Request<Incoming>, peer: &HeaderValue) -> Response<ProxyBody> {
         let started = Instant::now();
         let rt = self.runtime();
         let request_id = self.ids.for_request(req.headers());
@@ -360,7 +363,7 @@ impl Proxy {
         if rt.config.forwarding.x_forwarded {
             add_forwarded(
                 &mut parts.headers,
-                cx.peer.ip(),
+                cx.peer,
                 "http",
                 downstream_host,
                 untouchable,

@@ -202,8 +202,14 @@ pub fn classify<'a>(
 ) -> Class<'a> {
     // Read once per request: most carry no override, and then this allocates nothing.
     let overrides = overrides(headers, uri.query().unwrap_or(""));
-    // Methods compare case-insensitively: a gateway on the way may uppercase them.
+    // Methods compare case-insensitively: a gateway on the way may uppercase them. Route
+    // methods are uppercase, so a request with no override and no lowercase letter in its
+    // method (nearly all of them) is decided by plain equality.
+    let exact = overrides.is_empty() && !method.as_str().bytes().any(|b| b.is_ascii_lowercase());
     let wanted = |m: &Method| {
+        if exact {
+            return m == method;
+        }
         let named = |value: &[u8]| value.eq_ignore_ascii_case(m.as_str().as_bytes());
         named(method.as_str().as_bytes()) || overrides.iter().any(|o| named(o))
     };

@@ -22,6 +22,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::admin::{self, Readiness};
 use crate::config::{Config, ConfigError};
 use crate::conn::{self, Activity};
+use crate::headers;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Runtime};
 use crate::upstream::TlsError;
@@ -167,14 +168,17 @@ impl Server {
             }
             let open = metrics.connection();
             let activity = Activity::new();
+            let forwarded_for = headers::forwarded_for(peer.ip());
             let svc = {
                 let (proxy, activity) = (proxy.clone(), activity.clone());
                 service_fn(move |req| {
                     let (proxy, in_flight) = (proxy.clone(), activity.begin());
-                    async move {
-                        let response = proxy.handle(req, peer).await;
+                    let forwarded_for = forwarded_for.clone();
+                    // Boxed: hyper moves the future it is given, and this one is large.
+                    Box::pin(async move {
+                        let response = proxy.handle(req, &forwarded_for).await;
                         Ok::<_, Infallible>(response.map(|body| body.holding(in_flight)))
-                    }
+                    })
                 })
             };
             let conn = graceful.watch(

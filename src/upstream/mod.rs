@@ -12,7 +12,7 @@
 
 mod pool;
 
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use http::{Request, Response, Uri};
@@ -25,10 +25,9 @@ use rustls_pki_types::CertificateDer;
 use tower_service::Service;
 
 pub use self::pool::Lease;
-use self::pool::{Conn, Pool};
+use self::pool::{Pool, Sender};
 use crate::body::ProxyBody;
 use crate::config::Config;
-use crate::conn::{self, Activity};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -68,6 +67,9 @@ pub struct Upstream {
     handshake: http1::Builder,
     pool: Arc<Pool>,
     idle_timeout: Duration,
+    /// Starts the pool's reaper with the first connection (a runtime is needed to spawn it,
+    /// and a pool with no connection has nothing to reap).
+    reaper: Once,
 }
 
 impl Upstream {
@@ -103,6 +105,7 @@ impl Upstream {
             // idle saves reconnecting under a steady load of that size.
             pool: Pool::new(config.limits.max_connections),
             idle_timeout: config.timeouts.upstream_idle,
+            reaper: Once::new(),
         })
     }
 
@@ -117,20 +120,19 @@ impl Upstream {
             let reused = pooled.is_some();
             let mut conn = match pooled.take() {
                 Some(conn) => conn,
-                None => self.connect().await?,
+                // Boxed: connecting is rare, and its future would make every request's larger.
+                None => Box::pin(self.connect()).await?,
             };
             // A pooled connection may still be settling its last exchange; one the upstream
             // has closed fails here, before anything is sent.
-            if let Err(e) = conn.sender.ready().await {
+            if let Err(e) = conn.ready().await {
                 if reused {
                     continue;
                 }
                 return Err(SendError::Exchange(e));
             }
-            // In flight before the request goes, so that the idle deadline cannot close it.
-            let in_flight = conn.activity.begin();
-            let response = conn.sender.try_send_request(req);
-            let lease = self.pool.lease(conn, in_flight);
+            let response = conn.try_send_request(req);
+            let lease = self.pool.lease(conn);
             match response.await {
                 Ok(response) => return Ok((response, lease)),
                 Err(mut e) => match e.take_message() {
@@ -143,7 +145,7 @@ impl Upstream {
         }
     }
 
-    async fn connect(&self) -> Result<Conn, SendError> {
+    async fn connect(&self) -> Result<Sender, SendError> {
         let io = self
             .connector
             .clone()
@@ -155,15 +157,19 @@ impl Upstream {
             .handshake(io)
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
-        let activity = Activity::new();
-        let watched = activity.clone();
-        let idle = self.idle_timeout;
+        // The connection runs until the upstream closes it or its sender is dropped.
         tokio::spawn(async move {
-            if let Some(Err(e)) = conn::with_deadlines(connection, &watched, idle, idle).await {
+            if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }
         });
-        Ok(Conn { sender, activity })
+        self.reaper.call_once(|| {
+            tokio::spawn(Pool::reap_every(
+                Arc::downgrade(&self.pool),
+                self.idle_timeout,
+            ));
+        });
+        Ok(sender)
     }
 }
 

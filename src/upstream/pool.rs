@@ -1,27 +1,31 @@
 //! Idle upstream connections, and the lease that returns one when its exchange is done.
 //!
 //! A bounded lock-free queue shared by every worker thread: taking and returning a connection is
-//! one compare-and-swap each, with no lock and no key to hash (there is one upstream). A
-//! connection goes back only once its response has been read whole, so whatever the queue holds
-//! can take a request at once; one the upstream closed meanwhile is skipped when it is taken.
+//! one compare-and-swap each, with no lock, no timer and no key to hash (there is one
+//! upstream). A connection goes back only once its response has been read whole, so whatever
+//! the queue holds can take a request at once; one the upstream closed meanwhile is skipped
+//! when it is taken.
+//!
+//! The queue is first in, first out, so a steady trickle of requests would keep every pooled
+//! connection in use by turns. [`Pool::reap`] closes, every `upstream_idle`, as many of the
+//! least recently used connections as the queue never fell below during that time: those the
+//! traffic did not need.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 use hyper::client::conn::http1::SendRequest;
 
 use crate::body::ProxyBody;
-use crate::conn::{Activity, InFlight};
 
-/// One keep-alive HTTP/1.1 connection: its sending half, and what its driver task watches to
-/// close it after `upstream_idle` without a request.
-pub struct Conn {
-    pub sender: SendRequest<ProxyBody>,
-    pub activity: Arc<Activity>,
-}
+pub type Sender = SendRequest<ProxyBody>;
 
 pub struct Pool {
-    idle: ArrayQueue<Conn>,
+    idle: ArrayQueue<Sender>,
+    /// The fewest connections the queue has held since the last reaping.
+    low_water: AtomicUsize,
 }
 
 impl Pool {
@@ -29,26 +33,53 @@ impl Pool {
     pub fn new(capacity: usize) -> Arc<Self> {
         Arc::new(Self {
             idle: ArrayQueue::new(capacity.max(1)),
+            low_water: AtomicUsize::new(0),
         })
     }
 
     /// An idle connection still open, if there is one.
-    pub fn take(&self) -> Option<Conn> {
-        std::iter::from_fn(|| self.idle.pop()).find(|conn| !conn.sender.is_closed())
+    pub fn take(&self) -> Option<Sender> {
+        let open = std::iter::from_fn(|| self.idle.pop()).find(|conn| !conn.is_closed());
+        self.low_water.fetch_min(self.idle.len(), Ordering::Relaxed);
+        open
     }
 
-    fn put(&self, conn: Conn) {
-        if !conn.sender.is_closed() {
+    fn put(&self, conn: Sender) {
+        if !conn.is_closed() {
             // A full queue refuses it, and dropping it closes it.
             let _ = self.idle.push(conn);
         }
     }
 
-    /// Lends `conn`, with a request in flight on it, to one exchange.
-    pub fn lease(self: &Arc<Self>, conn: Conn, in_flight: InFlight) -> Lease {
+    /// Lends `conn` to one exchange.
+    pub fn lease(self: &Arc<Self>, conn: Sender) -> Lease {
         Lease {
-            lent: Some((conn, in_flight)),
+            lent: Some(conn),
             pool: self.clone(),
+        }
+    }
+
+    /// Closes the connections that sat idle since the last reaping (see the module docs).
+    fn reap(&self) {
+        let unused = self
+            .low_water
+            .swap(self.idle.len(), Ordering::Relaxed)
+            .min(self.idle.len());
+        for _ in 0..unused {
+            drop(self.idle.pop());
+        }
+    }
+
+    /// Reaps `pool` every `idle` for as long as it is in use.
+    pub async fn reap_every(pool: Weak<Pool>, idle: Duration) {
+        let mut every = tokio::time::interval_at(tokio::time::Instant::now() + idle, idle);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            match pool.upgrade() {
+                Some(pool) => pool.reap(),
+                None => return,
+            }
         }
     }
 }
@@ -57,16 +88,14 @@ impl Pool {
 /// read whole; a lease dropped before that closes its connection, since an unread response
 /// would be taken for the next one.
 pub struct Lease {
-    lent: Option<(Conn, InFlight)>,
+    lent: Option<Sender>,
     pool: Arc<Pool>,
 }
 
 impl Lease {
     /// Returns the connection to the pool: its response has been read whole.
     pub fn release(mut self) {
-        if let Some((conn, in_flight)) = self.lent.take() {
-            // Idle from now on, as far as its driver task is concerned.
-            drop(in_flight);
+        if let Some(conn) = self.lent.take() {
             self.pool.put(conn);
         }
     }
@@ -77,5 +106,71 @@ impl std::fmt::Debug for Lease {
         f.debug_struct("Lease")
             .field("lent", &self.lent.is_some())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An open HTTP/1 connection's sender, over an in-memory pipe nobody answers on.
+    async fn conn() -> Sender {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let io = hyper_util::rt::TokioIo::new(ours);
+        let (sender, connection) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(async move {
+            let _theirs = theirs;
+            let _ = connection.await;
+        });
+        sender
+    }
+
+    #[tokio::test]
+    async fn reaping_closes_the_connections_the_traffic_did_not_need() {
+        let pool = Pool::new(8);
+        for _ in 0..5 {
+            pool.put(conn().await);
+        }
+        pool.reap(); // Starts a period with 5 idle.
+        for _ in 0..10 {
+            // Two at a time in use: three were never needed.
+            let (a, b) = (pool.take().unwrap(), pool.take().unwrap());
+            pool.lease(a).release();
+            pool.lease(b).release();
+        }
+        pool.reap();
+        assert_eq!(pool.idle.len(), 2);
+        pool.reap();
+        assert_eq!(pool.idle.len(), 0, "a period with no traffic needs none");
+    }
+
+    #[tokio::test]
+    async fn an_unreleased_lease_is_not_pooled_and_a_full_pool_refuses_more() {
+        let pool = Pool::new(1);
+        drop(pool.lease(conn().await));
+        assert!(pool.take().is_none());
+
+        pool.lease(conn().await).release();
+        pool.lease(conn().await).release();
+        assert_eq!(pool.idle.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn closed_connections_are_skipped() {
+        let pool = Pool::new(4);
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(ours))
+                .await
+                .unwrap();
+        let driver = tokio::spawn(connection);
+        pool.lease(sender).release();
+        pool.lease(conn().await).release();
+        // The upstream hangs up on the first.
+        drop(theirs);
+        let _ = driver.await;
+        let taken = pool.take().unwrap();
+        assert!(!taken.is_closed());
+        assert!(pool.take().is_none());
     }
 }
