@@ -224,6 +224,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Connections served at once; further ones wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// Upstream connections open at once; further requests wait for one to come free.
+    pub max_upstream_connections: usize,
 }
 
 impl Default for Limits {
@@ -231,6 +233,7 @@ impl Default for Limits {
         Self {
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
+            max_upstream_connections: 64,
         }
     }
 }
@@ -334,6 +337,9 @@ impl Config {
         }
         if self.limits.max_connections == 0 {
             return invalid("limits.max_connections", "must be greater than 0");
+        }
+        if self.limits.max_upstream_connections == 0 {
+            return invalid("limits.max_upstream_connections", "must be greater than 0");
         }
         // hyper refuses buffers under 8 KiB; say so here rather than panic at start.
         if self.limits.max_header_bytes < 8192 {

@@ -260,8 +260,3 @@ fn run_check(cli: &Cli, method: &str, path: &str, header_args: &[String]) -> Exi
         ExitCode::from(1)
     }
 }
-
-/// Small allocations come and go with every request; mimalloc serves them with less CPU than
-/// glibc's allocator (BENCHMARKS.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -749,3 +749,62 @@ async fn idle_upstream_connections_are_closed_after_upstream_idle() {
     assert_eq!(got.status, StatusCode::OK, "a new connection replaces it");
     assert_eq!(upstream.accepted(), 2);
 }
+
+#[tokio::test]
+async fn upstream_connections_are_capped_and_requests_wait_for_one() {
+    let (upstream, proxy) = support::pair(
+        Reply::Slow(Duration::from_millis(200)),
+        "[limits]\nmax_upstream_connections = 2\n",
+    )
+    .await;
+    let proxy = Arc::new(proxy);
+    let started = std::time::Instant::now();
+    let requests: Vec<_> = (0..6)
+        .map(|_| {
+            let proxy = proxy.clone();
+            tokio::spawn(async move {
+                send(Version::HTTP_11, "PUT", &proxy.url(UPDATE), &[], ALLOWED).await
+            })
+        })
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(upstream.seen().len(), 6);
+    assert_eq!(upstream.accepted(), 2, "two connections, taking turns");
+    assert!(
+        started.elapsed() >= Duration::from_millis(3 * 200),
+        "six 200 ms answers over two connections take three rounds"
+    );
+}
+
+#[tokio::test]
+async fn a_request_waiting_for_a_connection_gets_504_when_none_comes_free() {
+    let toml = format!("{FAST_TIMEOUTS}\n[limits]\nmax_upstream_connections = 1\n");
+    let (upstream, proxy) = support::pair(Reply::Large(64 * MIB), &toml).await;
+    // The first request holds the only connection while its client reads nothing more.
+    let mut first = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    first
+        .write_all(b"GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 1024];
+    let n = first.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+
+    let second = send(Version::HTTP_11, "GET", &proxy.url(UPDATE), &[], "").await;
+    assert_eq!(second.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(second.json()["computeFault"]["code"], 504);
+    assert_eq!(
+        upstream.seen().len(),
+        1,
+        "the second never reached the upstream"
+    );
+    assert_eq!(upstream.accepted(), 1);
+
+    // Once the first is gone, its slot serves again.
+    drop(first);
+    let third = send(Version::HTTP_11, "GET", &proxy.url(UPDATE), &[], "").await;
+    assert_eq!(third.status, StatusCode::OK);
+    support::assert_pattern(&third.body, 64 * MIB);
+}

@@ -22,6 +22,7 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
 pub use self::pool::Lease;
@@ -66,6 +67,8 @@ pub struct Upstream {
     base: Uri,
     handshake: http1::Builder,
     pool: Arc<Pool>,
+    /// One permit per open connection, held by its driver task: `max_upstream_connections`.
+    slots: Arc<Semaphore>,
     idle_timeout: Duration,
     /// Starts the pool's reaper with the first connection (a runtime is needed to spawn it,
     /// and a pool with no connection has nothing to reap).
@@ -103,7 +106,8 @@ impl Upstream {
             handshake: http1::Builder::new(),
             // Every downstream connection may have a request upstream at once; keeping as many
             // idle saves reconnecting under a steady load of that size.
-            pool: Pool::new(config.limits.max_connections),
+            pool: Pool::new(config.limits.max_upstream_connections),
+            slots: Arc::new(Semaphore::new(config.limits.max_upstream_connections)),
             idle_timeout: config.timeouts.upstream_idle,
             reaper: Once::new(),
         })
@@ -115,13 +119,14 @@ impl Upstream {
         &self,
         mut req: Request<ProxyBody>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
-        let mut pooled = self.pool.take();
+        // Pooled connections that turn out closed are skipped; a request that never left
+        // one is tried again, a bounded number of times.
+        let mut retries = 3;
         loop {
-            let reused = pooled.is_some();
-            let mut conn = match pooled.take() {
-                Some(conn) => conn,
-                // Boxed: connecting is rare, and its future would make every request's larger.
-                None => Box::pin(self.connect()).await?,
+            let (mut conn, reused) = match self.pool.take() {
+                Some(conn) => (conn, true),
+                // Boxed: rare, and its future would make every request's larger.
+                None => Box::pin(self.checkout()).await?,
             };
             // A pooled connection may still be settling its last exchange; one the upstream
             // has closed fails here, before anything is sent.
@@ -137,15 +142,43 @@ impl Upstream {
                 Ok(response) => return Ok((response, lease)),
                 Err(mut e) => match e.take_message() {
                     // The upstream closed a pooled connection as the request went out, before
-                    // any of it was written: once more, on a new connection.
-                    Some(unsent) if reused => req = unsent,
+                    // any of it was written: try again.
+                    Some(unsent) if reused && retries > 0 => {
+                        retries -= 1;
+                        req = unsent;
+                    }
                     _ => return Err(SendError::Exchange(e.into_error())),
                 },
             }
         }
     }
 
-    async fn connect(&self) -> Result<Sender, SendError> {
+    /// A new connection when the limit allows one; else the first one returned to the pool or
+    /// the first slot freed, whichever comes first. `true` for a connection that was pooled.
+    async fn checkout(&self) -> Result<(Sender, bool), SendError> {
+        loop {
+            let slot = match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => slot,
+                Err(_) => {
+                    let freed = self.slots.clone().acquire_owned();
+                    tokio::select! {
+                        conn = self.pool.released() => match conn {
+                            Some(conn) => return Ok((conn, true)),
+                            None => continue,
+                        },
+                        slot = freed => match slot {
+                            Ok(slot) => slot,
+                            Err(_) => continue,
+                        },
+                    }
+                }
+            };
+            return Ok((self.connect(slot).await?, false));
+        }
+    }
+
+    /// Opens a connection, which holds `slot` until it closes.
+    async fn connect(&self, slot: OwnedSemaphorePermit) -> Result<Sender, SendError> {
         let io = self
             .connector
             .clone()
@@ -159,6 +192,7 @@ impl Upstream {
             .map_err(|e| SendError::Connect(e.into()))?;
         // The connection runs until the upstream closes it or its sender is dropped.
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 use hyper::client::conn::http1::SendRequest;
+use tokio::sync::Notify;
 
 use crate::body::ProxyBody;
 
@@ -26,6 +27,9 @@ pub struct Pool {
     idle: ArrayQueue<Sender>,
     /// The fewest connections the queue has held since the last reaping.
     low_water: AtomicUsize,
+    /// Requests waiting for a connection to come free, and how they are woken.
+    waiting: AtomicUsize,
+    released: Notify,
 }
 
 impl Pool {
@@ -34,6 +38,8 @@ impl Pool {
         Arc::new(Self {
             idle: ArrayQueue::new(capacity.max(1)),
             low_water: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            released: Notify::new(),
         })
     }
 
@@ -48,7 +54,25 @@ impl Pool {
         if !conn.is_closed() {
             // A full queue refuses it, and dropping it closes it.
             let _ = self.idle.push(conn);
+            if self.waiting.load(Ordering::SeqCst) > 0 {
+                self.released.notify_one();
+            }
         }
+    }
+
+    /// Waits until a connection is returned, and takes it (or `None` if another waiter was
+    /// quicker). The caller also waits for a connection slot, whichever comes first.
+    pub async fn released(&self) -> Option<Sender> {
+        let _waiting = Waiting::new(&self.waiting);
+        let released = self.released.notified();
+        tokio::pin!(released);
+        // Registered before looking, so that a connection returned in between still wakes it.
+        released.as_mut().enable();
+        if let Some(conn) = self.take() {
+            return Some(conn);
+        }
+        released.await;
+        self.take()
     }
 
     /// Lends `conn` to one exchange.
@@ -81,6 +105,22 @@ impl Pool {
                 None => return,
             }
         }
+    }
+}
+
+/// Counts a waiting request for as long as it waits.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
