@@ -86,14 +86,43 @@ impl<'de> Visitor<'de> for Strict {
         Ok(Strict)
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
-        let mut seen = HashSet::new();
+        let mut seen = Keys::Few(Vec::new());
         while let Some(key) = map.next_key::<Text<'de>>()? {
             map.next_value::<Strict>()?;
-            if let Some(dup) = seen.replace(key) {
+            if let Some(dup) = seen.insert(key) {
                 return Err(de::Error::custom(format_args!("duplicate key {:?}", dup.0)));
             }
         }
         Ok(Strict)
+    }
+}
+
+/// The keys of one object so far. Objects are small: comparing a key with a handful of others
+/// costs less than hashing it, until there are more than a handful.
+enum Keys<'a> {
+    Few(Vec<Text<'a>>),
+    Many(HashSet<Text<'a>>),
+}
+
+impl<'a> Keys<'a> {
+    const FEW: usize = 16;
+
+    /// Adds `key`; gives it back if it was already there.
+    fn insert(&mut self, key: Text<'a>) -> Option<Text<'a>> {
+        match self {
+            Keys::Few(keys) if keys.contains(&key) => Some(key),
+            Keys::Few(keys) if keys.len() < Self::FEW => {
+                keys.push(key);
+                None
+            }
+            Keys::Few(keys) => {
+                let mut all: HashSet<Text<'a>> = keys.drain(..).collect();
+                all.insert(key);
+                *self = Keys::Many(all);
+                None
+            }
+            Keys::Many(all) => all.replace(key),
+        }
     }
 }
 
@@ -201,6 +230,29 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("duplicate key \"name\""), "{msg}");
         assert!(msg.contains("column"), "{msg}");
+    }
+
+    #[test]
+    fn duplicates_are_found_in_objects_of_any_size() {
+        let object = |keys: &[String]| {
+            let members: Vec<String> = keys.iter().map(|k| format!("\"{k}\":1")).collect();
+            format!("{{{}}}", members.join(","))
+        };
+        for n in [2, 15, 16, 17, 40] {
+            let keys: Vec<String> = (0..n).map(|i| format!("k{i}")).collect();
+            assert!(validate(&object(&keys)).is_ok(), "{n} distinct keys");
+            // A repeat of the first key, and of the last, in every position after it.
+            for repeated in [0, n - 1] {
+                for at in repeated + 1..=n {
+                    let mut dup = keys.clone();
+                    dup.insert(at, keys[repeated].clone());
+                    assert!(
+                        validate(&object(&dup)).is_err(),
+                        "{n} keys, k{repeated} again at {at}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -12,8 +12,12 @@ pub fn check_content_type<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Res
     let Some(value) = values.next() else {
         return Ok(());
     };
-    let shown = String::from_utf8_lossy(value).into_owned();
-    let refuse = || Err(Violation::ContentType(shown.clone()));
+    // The value is copied for the message only when it is refused.
+    let refuse = || {
+        Err(Violation::ContentType(
+            String::from_utf8_lossy(value).into_owned(),
+        ))
+    };
     if values.next().is_some() {
         return refuse();
     }
