@@ -104,8 +104,7 @@ impl Upstream {
             connector,
             base,
             handshake: http1::Builder::new(),
-            // Every downstream connection may have a request upstream at once; keeping as many
-            // idle saves reconnecting under a steady load of that size.
+            // Room for every connection the limit allows.
             pool: Pool::new(config.limits.max_upstream_connections),
             slots: Arc::new(Semaphore::new(config.limits.max_upstream_connections)),
             idle_timeout: config.timeouts.upstream_idle,
@@ -168,6 +167,7 @@ impl Upstream {
                         },
                         slot = freed => match slot {
                             Ok(slot) => slot,
+                            // Only a closed semaphore fails, and this one is never closed.
                             Err(_) => continue,
                         },
                     }

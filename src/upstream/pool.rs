@@ -11,7 +11,7 @@
 //! least recently used connections as the queue never fell below during that time: those the
 //! traffic did not need.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -54,6 +54,9 @@ impl Pool {
         if !conn.is_closed() {
             // A full queue refuses it, and dropping it closes it.
             let _ = self.idle.push(conn);
+            // Pairs with the fence in `released`: either this sees the waiter, or the waiter
+            // sees this connection.
+            fence(Ordering::SeqCst);
             if self.waiting.load(Ordering::SeqCst) > 0 {
                 self.released.notify_one();
             }
@@ -68,6 +71,7 @@ impl Pool {
         tokio::pin!(released);
         // Registered before looking, so that a connection returned in between still wakes it.
         released.as_mut().enable();
+        fence(Ordering::SeqCst);
         if let Some(conn) = self.take() {
             return Some(conn);
         }
