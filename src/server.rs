@@ -174,11 +174,10 @@ impl Server {
                 service_fn(move |req| {
                     let (proxy, in_flight) = (proxy.clone(), activity.begin());
                     let forwarded_for = forwarded_for.clone();
-                    // Boxed: hyper moves the future it is given, and this one is large.
-                    Box::pin(async move {
+                    async move {
                         let response = proxy.handle(req, &forwarded_for).await;
                         Ok::<_, Infallible>(response.map(|body| body.holding(in_flight)))
-                    })
+                    }
                 })
             };
             let conn = graceful.watch(
