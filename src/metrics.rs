@@ -63,6 +63,7 @@ pub struct Metrics {
     upstream_duration: Durations,
     upstream_errors: Family<KindLabels, Counter>,
     connections: Gauge,
+    upstream_waiting: Gauge,
     reloads: Family<ResultLabels, Counter>,
 }
 
@@ -77,6 +78,7 @@ impl Default for Metrics {
             upstream_duration: Durations::default(),
             upstream_errors: Family::default(),
             connections: Gauge::default(),
+            upstream_waiting: Gauge::default(),
             reloads: Family::default(),
         };
         let mut m = metrics;
@@ -110,6 +112,11 @@ impl Default for Metrics {
             "snapguard_connections_active",
             "Downstream connections open now",
             m.connections.clone(),
+        );
+        r.register(
+            "snapguard_upstream_waiting",
+            "Requests waiting for an upstream connection (limits.max_upstream_connections reached)",
+            m.upstream_waiting.clone(),
         );
         r.register(
             "snapguard_config_reloads",
@@ -174,6 +181,11 @@ impl Metrics {
         self.upstream_errors
             .get_or_create(&KindLabels { kind })
             .inc();
+    }
+
+    /// The gauge of requests waiting for an upstream connection, kept by the upstream pool.
+    pub fn upstream_waiting(&self) -> Gauge {
+        self.upstream_waiting.clone()
     }
 
     /// Counts a connection as active until the returned guard is dropped.

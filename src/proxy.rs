@@ -37,8 +37,8 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    pub fn new(config: Config) -> Result<Self, TlsError> {
-        let upstream = Upstream::new(&config)?;
+    pub fn new(config: Config, metrics: &Metrics) -> Result<Self, TlsError> {
+        let upstream = Upstream::new(&config, metrics.upstream_waiting())?;
         let upstream_host = HeaderValue::from_str(config.upstream.url.authority.as_str())
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Ok(Self {

@@ -73,7 +73,7 @@ impl Server {
         let addresses = (config.listen, config.admin);
         let workers = config.workers;
         let metrics = Arc::new(Metrics::default());
-        let proxy = Arc::new(Proxy::new(Runtime::new(config)?, metrics));
+        let proxy = Arc::new(Proxy::new(Runtime::new(config, &metrics)?, metrics));
         Ok(Self {
             listener,
             admin,
@@ -255,7 +255,7 @@ impl Handle {
     pub fn reload(&self, loaded: Result<Config, ConfigError>) -> Result<(), ReloadError> {
         let applied = loaded
             .map_err(ReloadError::from)
-            .and_then(|config| Ok(Runtime::new(config)?));
+            .and_then(|config| Ok(Runtime::new(config, self.proxy.metrics())?));
         let runtime = match applied {
             Ok(runtime) => runtime,
             Err(e) => {

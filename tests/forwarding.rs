@@ -503,7 +503,8 @@ async fn an_https_upstream_is_verified_against_the_configured_ca() {
     // Without the CA the certificate is not trusted: 502, and nothing is sent.
     let mut config = snapguard::Config::default();
     config.upstream.url = url.parse().unwrap();
-    if let Err(e) = snapguard::proxy::Runtime::new(config.clone()) {
+    let metrics = snapguard::metrics::Metrics::default();
+    if let Err(e) = snapguard::proxy::Runtime::new(config.clone(), &metrics) {
         // On a machine without system roots, refusing to start is the same verdict.
         return assert!(e.to_string().contains("root"), "{e}");
     }
@@ -792,8 +793,12 @@ async fn a_request_waiting_for_a_connection_gets_504_when_none_comes_free() {
     let n = first.read(&mut head).await.unwrap();
     assert!(head[..n].starts_with(b"HTTP/1.1 200"));
 
-    let second = send(Version::HTTP_11, "GET", &proxy.url(UPDATE), &[], "").await;
+    let url = proxy.url(UPDATE);
+    let second = tokio::spawn(async move { send(Version::HTTP_11, "GET", &url, &[], "").await });
+    support::await_sample(proxy.admin, "snapguard_upstream_waiting", 1.0).await;
+    let second = second.await.unwrap();
     assert_eq!(second.status, StatusCode::GATEWAY_TIMEOUT);
+    support::await_sample(proxy.admin, "snapguard_upstream_waiting", 0.0).await;
     assert_eq!(second.json()["computeFault"]["code"], 504);
     assert_eq!(
         upstream.seen().len(),

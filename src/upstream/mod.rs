@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
+use prometheus_client::metrics::gauge::Gauge;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -76,7 +77,8 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: &Config) -> Result<Self, TlsError> {
+    /// `waiting` counts the requests waiting for a connection, for the metrics.
+    pub fn new(config: &Config, waiting: Gauge) -> Result<Self, TlsError> {
         let mut http = HttpConnector::new();
         // The https connector below decides the scheme; the TCP connector must not refuse https.
         http.enforce_http(false);
@@ -105,7 +107,7 @@ impl Upstream {
             base,
             handshake: http1::Builder::new(),
             // Room for every connection the limit allows.
-            pool: Pool::new(config.limits.max_upstream_connections),
+            pool: Pool::new(config.limits.max_upstream_connections, waiting),
             slots: Arc::new(Semaphore::new(config.limits.max_upstream_connections)),
             idle_timeout: config.timeouts.upstream_idle,
             reaper: Once::new(),
