@@ -14,7 +14,7 @@ use crate::body::ProxyBody;
 use crate::config::ErrorsConfig;
 use crate::policy::Violation;
 use crate::route::ErrorStyle;
-use crate::upstream::SendError;
+use crate::upstream::BoxError;
 
 /// Why a request did not get an upstream response.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +32,7 @@ pub enum Error {
     #[error("method {0} is not proxied")]
     Method(http::Method),
     #[error("upstream connection failed: {0}")]
-    UpstreamConnect(#[source] SendError),
+    UpstreamConnect(#[source] BoxError),
     #[error("upstream request failed: {0}")]
     Upstream(#[source] hyper::Error),
     #[error("upstream sent no response within {0:?}")]

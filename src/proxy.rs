@@ -387,7 +387,7 @@ impl Proxy {
             tokio::select! {
                 result = &mut response => break match result {
                     Ok(exchange) => Ok(exchange),
-                    Err(e @ SendError::Connect(_)) => Err(Error::UpstreamConnect(e)),
+                    Err(SendError::Connect(e)) => Err(Error::UpstreamConnect(e)),
                     // The request body broke off (the client went away, or sent a malformed
                     // chunk) while being sent on: the downstream's fault.
                     Err(SendError::Exchange(e)) if e.is_user() => Err(Error::DownstreamBody(e)),

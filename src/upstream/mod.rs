@@ -31,7 +31,7 @@ use self::pool::{Pool, Sender};
 use crate::body::ProxyBody;
 use crate::config::Config;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why the upstream client could not be built.
 #[derive(Debug, thiserror::Error)]
