@@ -1,17 +1,21 @@
-//! `snapguard check METHOD PATH < body`: the proxy's decision on one request, offline.
+//! `snapguard check`: the proxy's decision on requests, offline.
 //!
-//! Runs the same classification and policy functions as the proxy, so a CI pipeline can test
-//! its snapshot names before calling the API.
+//! Goes through the proxy's own decision ([`crate::decide`]), so a CI pipeline can test its
+//! snapshot names before calling the API, and a test can compare snapguard's reading of many
+//! requests with another system's (`check --batch`, one JSON line in and one out per request).
 
 use std::fmt::Write;
+use std::io::BufRead;
 
-use http::{HeaderMap, Method, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
+use serde::Deserialize;
 
 use crate::config::Config;
+use crate::decide::{self, Head};
 use crate::error::Error;
-use crate::policy::{self, Mode, Target, Verdict, Violation};
+use crate::policy::{Mode, Verdict, Violation};
 use crate::proxy::Decision;
-use crate::route::{self, Class, ErrorStyle, Route};
+use crate::route::{ErrorStyle, Route};
 
 /// What the proxy would do with a request.
 #[derive(Debug)]
@@ -21,12 +25,27 @@ pub struct Report<'c> {
     pub violation: Option<Violation>,
     /// The body that would be forwarded, when the request would be forwarded.
     pub forwarded: Option<Vec<u8>>,
+    /// Set when the request would be refused for something other than a policy violation.
+    pub refused_method: Option<Method>,
 }
 
 impl Report<'_> {
     /// Whether the request would reach the upstream.
     pub fn allowed(&self) -> bool {
         self.decision != Decision::Rejected
+    }
+
+    /// The error the downstream would get (or, in audit mode, would get when enforcing).
+    fn error(&self) -> Option<Error> {
+        match (&self.refused_method, &self.violation) {
+            (Some(m), _) => Some(Error::Method(m.clone())),
+            (None, Some(v)) => Some(Error::Policy(v.clone())),
+            (None, None) => None,
+        }
+    }
+
+    fn style(&self) -> ErrorStyle {
+        self.route.map_or(ErrorStyle::Openstack, |r| r.error_style)
     }
 
     /// The human- and grep-friendly report printed by `snapguard check`.
@@ -39,23 +58,16 @@ impl Report<'_> {
             if let Some(field) = v.field() {
                 let _ = writeln!(out, "field: {field}");
             }
-            let error = Error::Policy(v.clone());
-            let style = self.route.map_or(ErrorStyle::Openstack, |r| r.error_style);
+        }
+        if let Some(error) = self.error() {
+            let document = error.document(self.style(), &config.errors);
             if self.decision == Decision::Rejected {
                 let _ = writeln!(out, "status: {}", error.status().as_u16());
-                let _ = writeln!(
-                    out,
-                    "response body: {}",
-                    error.document(style, &config.errors)
-                );
+                let _ = writeln!(out, "response body: {document}");
             } else if self.decision == Decision::Exempt {
                 let _ = writeln!(out, "allowed: the project is exempt from this rule");
             } else {
-                let _ = writeln!(
-                    out,
-                    "would be refused in enforce mode with: {}",
-                    error.document(style, &config.errors)
-                );
+                let _ = writeln!(out, "would be refused in enforce mode with: {document}");
             }
         }
         if let Some(body) = &self.forwarded {
@@ -63,9 +75,96 @@ impl Report<'_> {
         }
         out
     }
+
+    /// The verdict as one JSON object: decision, route, rule, field, status (when refused) and
+    /// body (the forwarded body, or the error body when refused).
+    pub fn to_json(&self, config: &Config) -> serde_json::Value {
+        let refused = (self.decision == Decision::Rejected)
+            .then(|| self.error())
+            .flatten();
+        let body = match (&refused, &self.forwarded) {
+            (Some(error), _) => Some(error.document(self.style(), &config.errors)),
+            (None, Some(body)) => Some(String::from_utf8_lossy(body).into_owned()),
+            (None, None) => None,
+        };
+        serde_json::json!({
+            "decision": self.decision.as_str(),
+            "route": self.route.map(|r| r.template),
+            "rule": self.violation.as_ref().map(|v| v.rule()),
+            "field": self.violation.as_ref().and_then(|v| v.field()),
+            "status": refused.map(|e| e.status().as_u16()),
+            "body": body,
+        })
+    }
 }
 
-/// Decides on a request as the proxy would.
+/// One request of `check --batch`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    method: String,
+    /// The request target exactly as it would be on the request line.
+    target: String,
+    #[serde(default)]
+    headers: Vec<(String, String)>,
+    #[serde(default)]
+    body: String,
+}
+
+/// A request as hyper would hand it over, or why hyper would refuse it with 400 first.
+fn parse_request(r: &BatchRequest) -> Result<(Method, Uri, HeaderMap), String> {
+    // Exactly as sent: hyper takes the method token as it is, in any case.
+    let method = Method::from_bytes(r.method.as_bytes())
+        .map_err(|_| format!("{:?} is not an HTTP method token", r.method))?;
+    let uri = r
+        .target
+        .parse::<Uri>()
+        .map_err(|e| format!("{:?} is not a request target: {e}", r.target))?;
+    let mut headers = HeaderMap::new();
+    for (name, value) in &r.headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("{name:?} is not a header name"))?;
+        let value =
+            HeaderValue::from_str(value).map_err(|_| format!("{value:?} is not a header value"))?;
+        headers.append(name, value);
+    }
+    Ok((method, uri, headers))
+}
+
+/// `check --batch`: one JSON request per input line, one JSON verdict per output line, in order.
+/// A request hyper would refuse before snapguard sees it gets `"decision": "invalid"`.
+pub fn batch(
+    config: &Config,
+    input: impl BufRead,
+    mut output: impl std::io::Write,
+) -> Result<(), String> {
+    for (n, line) in input.lines().enumerate() {
+        let line = line.map_err(|e| format!("cannot read line {}: {e}", n + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let request: BatchRequest = serde_json::from_str(&line)
+            .map_err(|e| format!("line {}: not a batch request: {e}", n + 1))?;
+        let verdict = match parse_request(&request) {
+            Ok((method, uri, headers)) => {
+                evaluate(config, &method, &headers, &uri, request.body.as_bytes()).to_json(config)
+            }
+            Err(error) => serde_json::json!({
+                "decision": "invalid",
+                "route": null,
+                "rule": null,
+                "field": null,
+                "status": 400,
+                "body": null,
+                "error": error,
+            }),
+        };
+        writeln!(output, "{verdict}").map_err(|e| format!("cannot write: {e}"))?;
+    }
+    output.flush().map_err(|e| format!("cannot write: {e}"))
+}
+
+/// Decides on a request as the proxy would, through the proxy's own two steps.
 pub fn evaluate<'c>(
     config: &'c Config,
     method: &Method,
@@ -75,34 +174,35 @@ pub fn evaluate<'c>(
 ) -> Report<'c> {
     let refuse = |route, v: Violation| Report {
         route,
-        decision: match config.policy.mode {
-            Mode::Enforce => Decision::Rejected,
-            Mode::Audit => Decision::Audit,
-        },
+        decision: decide::on_violation(config.policy.mode),
         forwarded: (config.policy.mode == Mode::Audit).then(|| body.to_vec()),
         violation: Some(v),
+        refused_method: None,
     };
-    let (route, project) = match route::classify(&config.routes, method, headers, target) {
-        Class::Passthrough => {
+    let (route, project) = match decide::head(config, method, headers, target) {
+        Head::Passthrough => {
             return Report {
                 route: None,
                 decision: Decision::Passthrough,
                 violation: None,
                 forwarded: Some(body.to_vec()),
+                refused_method: None,
             }
         }
-        Class::Ambiguous => return refuse(None, Violation::AmbiguousPath),
-        Class::Policed { route, project_id } => (route, project_id),
+        // Refused in every mode, as the proxy refuses it; not a policy violation.
+        Head::Connect => {
+            return Report {
+                route: None,
+                decision: Decision::Rejected,
+                violation: None,
+                forwarded: None,
+                refused_method: Some(Method::CONNECT),
+            }
+        }
+        Head::Violation { route, violation } => return refuse(Some(route), violation),
+        Head::Police { route, project } => (route, project),
     };
-    let target = Target {
-        route,
-        project: project.as_deref(),
-    };
-    let checked = policy::check_headers(headers).and_then(|()| {
-        let may_normalize = !policy::is_signed(headers);
-        policy::check_body(target, &config.policy, &config.rules, body, may_normalize)
-    });
-    let allowed = match checked {
+    let allowed = match decide::body(config, route, project.as_deref(), headers, body) {
         Ok(allowed) => allowed,
         Err(v) => return refuse(Some(route), v),
     };
@@ -119,5 +219,6 @@ pub fn evaluate<'c>(
         },
         violation: allowed.exempted,
         forwarded: Some(forwarded),
+        refused_method: None,
     }
 }

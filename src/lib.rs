@@ -11,6 +11,7 @@ pub mod body;
 pub mod check;
 pub mod config;
 pub mod conn;
+pub mod decide;
 pub mod error;
 pub mod headers;
 pub mod metrics;

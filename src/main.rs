@@ -43,6 +43,13 @@ struct Cli {
     command: Option<Command>,
 }
 
+/// How `snapguard check` prints its verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CheckFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Clone, Subcommand)]
 enum Command {
     /// Validate a config file: exit 0 when valid, 64 with the reason when not.
@@ -53,12 +60,22 @@ enum Command {
     /// Decide on one request offline, body on stdin: exit 0 if it would be forwarded, 1 if refused.
     Check {
         /// The request method, e.g. PUT.
-        method: String,
+        #[arg(required_unless_present = "batch")]
+        method: Option<String>,
         /// The request path, e.g. /v3/p1/snapshots/s1.
-        path: String,
+        #[arg(required_unless_present = "batch")]
+        path: Option<String>,
         /// A request header, `Name: value`; may be repeated.
         #[arg(short = 'H', long = "header", value_name = "HEADER")]
         headers: Vec<String>,
+        /// Output: a labelled report, or one JSON object (decision, route, rule, field, status,
+        /// body).
+        #[arg(long, value_enum, default_value = "text")]
+        format: CheckFormat,
+        /// Decide on many requests: one JSON object per stdin line ({"method", "target",
+        /// "headers": [[name, value]...], "body"}), one JSON verdict per stdout line; exit 0.
+        #[arg(long, conflicts_with_all = ["method", "path", "headers", "format"])]
+        batch: bool,
     },
 }
 
@@ -84,11 +101,16 @@ fn main() -> ExitCode {
             }
             Err(e) => config_error(&e),
         },
+        Some(Command::Check { batch: true, .. }) => run_batch(&cli),
         Some(Command::Check {
-            ref method,
-            ref path,
+            method: Some(ref method),
+            path: Some(ref path),
             ref headers,
-        }) => run_check(&cli, method, path, headers),
+            format,
+            ..
+        }) => run_check(&cli, method, path, headers, format),
+        // clap requires both unless --batch.
+        Some(Command::Check { .. }) => config_error(&"check needs METHOD and PATH"),
         None => run_proxy(&cli),
     }
 }
@@ -219,7 +241,29 @@ async fn reload_on_sighup(cli: Cli, handle: Handle, filter: FilterHandle) {
     }
 }
 
-fn run_check(cli: &Cli, method: &str, path: &str, header_args: &[String]) -> ExitCode {
+fn run_batch(cli: &Cli) -> ExitCode {
+    let config = match load(cli) {
+        Ok(config) => config,
+        Err(e) => return config_error(&e),
+    };
+    let stdout = std::io::stdout().lock();
+    match check::batch(
+        &config,
+        std::io::stdin().lock(),
+        std::io::BufWriter::new(stdout),
+    ) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => config_error(&e),
+    }
+}
+
+fn run_check(
+    cli: &Cli,
+    method: &str,
+    path: &str,
+    header_args: &[String],
+    format: CheckFormat,
+) -> ExitCode {
     let config = match load(cli) {
         Ok(config) => config,
         Err(e) => return config_error(&e),
@@ -253,7 +297,10 @@ fn run_check(cli: &Cli, method: &str, path: &str, header_args: &[String]) -> Exi
         return ExitCode::FAILURE;
     }
     let report = check::evaluate(&config, &method, &headers, &target, &body);
-    print!("{}", report.render(&config));
+    match format {
+        CheckFormat::Text => print!("{}", report.render(&config)),
+        CheckFormat::Json => println!("{}", report.to_json(&config)),
+    }
     if report.allowed() {
         ExitCode::SUCCESS
     } else {

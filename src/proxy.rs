@@ -21,11 +21,12 @@ pub use crate::access::Decision;
 use crate::access::Exchange;
 use crate::body::{Progress, ProxyBody};
 use crate::config::Config;
+use crate::decide::{self, Head};
 use crate::error::Error;
 use crate::headers::{add_forwarded, strip_hop_by_hop, RequestIds, X_REQUEST_ID};
 use crate::metrics::Metrics;
-use crate::policy::{self, Mode, Target, Verdict, Violation};
-use crate::route::{self, Class, ErrorStyle, Route};
+use crate::policy::{self, Verdict, Violation};
+use crate::route::{ErrorStyle, Route};
 use crate::upstream::{Lease, SendError, TlsError, Upstream};
 
 /// What a reload replaces whole: the config and the upstream client built from it.
@@ -130,29 +131,27 @@ impl Proxy {
             progress: &progress,
         };
 
-        let class = route::classify(&rt.config.routes, req.method(), req.headers(), req.uri());
-        let route = match &class {
-            Class::Policed { route, .. } => Some(*route),
-            _ => None,
+        let head = decide::head(&rt.config, req.method(), req.headers(), req.uri());
+        let route = match &head {
+            Head::Police { route, .. } => Some(*route),
+            Head::Violation { route, .. } => Some(*route),
+            Head::Passthrough | Head::Connect => None,
         };
-        let outcome = match class {
-            Class::Passthrough if method == Method::CONNECT => {
-                Outcome::refused(Error::Method(Method::CONNECT))
-            }
-            Class::Passthrough => {
+        let outcome = match head {
+            Head::Connect => Outcome::refused(Error::Method(Method::CONNECT)),
+            Head::Passthrough => {
                 let (parts, body) = req.into_parts();
                 let body = ProxyBody::stream(body);
                 self.forward(&cx, parts, body, Decision::Passthrough, None)
                     .await
             }
-            Class::Ambiguous => {
+            Head::Violation { violation, .. } => {
                 let (parts, body) = req.into_parts();
                 let body = ProxyBody::stream(body);
-                self.violation(&cx, Violation::AmbiguousPath, parts, body)
-                    .await
+                self.violation(&cx, violation, parts, body).await
             }
-            Class::Policed { route, project_id } => {
-                self.police(&cx, req, route, project_id.as_deref()).await
+            Head::Police { route, project } => {
+                self.police(&cx, req, route, project.as_deref()).await
             }
         };
 
@@ -210,24 +209,6 @@ impl Proxy {
         let policy = &cx.rt.config.policy;
         let (mut parts, body) = req.into_parts();
 
-        let declared_too_large = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-            .is_some_and(|n| n > policy.max_body_bytes as u64);
-        let early = policy::check_headers(&parts.headers).and_then(|()| {
-            let limit = policy.max_body_bytes;
-            if declared_too_large {
-                Err(Violation::BodyTooLarge { limit })
-            } else {
-                Ok(())
-            }
-        });
-        if let Err(v) = early {
-            let body = ProxyBody::stream(body);
-            return self.violation(cx, v, parts, body).await;
-        }
-
         let limit = cx.rt.config.timeouts.request_body;
         let read = tokio::time::timeout(
             limit,
@@ -247,10 +228,8 @@ impl Proxy {
             Ok(Ok(Read::Whole(bytes))) => bytes,
         };
 
-        let target = Target { route, project };
-        let may_normalize = !policy::is_signed(&parts.headers);
-        let rules = &cx.rt.config.rules;
-        let allowed = match policy::check_body(target, policy, rules, &bytes, may_normalize) {
+        let checked = decide::body(&cx.rt.config, route, project, &parts.headers, &bytes);
+        let allowed = match checked {
             Ok(allowed) => allowed,
             Err(v) => return self.violation(cx, v, parts, ProxyBody::full(bytes)).await,
         };
@@ -291,9 +270,8 @@ impl Proxy {
         body: ProxyBody,
     ) -> Outcome {
         self.metrics.violation(&v.rule(), v.field());
-        match cx.rt.config.policy.mode {
-            Mode::Enforce => Outcome::refused(v.into()),
-            Mode::Audit => {
+        match decide::on_violation(cx.rt.config.policy.mode) {
+            Decision::Audit => {
                 // The rule and field only: the offending value is body content, never logged.
                 tracing::warn!(
                     rule = %v.rule(),
@@ -304,6 +282,7 @@ impl Proxy {
                 let rule = Some(v.rule());
                 self.forward(cx, parts, body, Decision::Audit, rule).await
             }
+            _ => Outcome::refused(v.into()),
         }
     }
 

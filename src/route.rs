@@ -188,9 +188,10 @@ pub enum Class<'a> {
         /// The `{project_id}` segment, decoded, when the template has one.
         project_id: Option<String>,
     },
-    /// An encoded `/` or `\` in what would be a policed route: how the upstream splits it is
-    /// unknowable here, so the request is refused rather than forwarded unpoliced.
-    Ambiguous,
+    /// A path or method that some reading makes this policed route and that cannot be classified
+    /// with certainty (an encoded `/`, a decoded control character, a Unicode method override):
+    /// refused rather than forwarded unpoliced, in the route's error style.
+    Ambiguous(&'a Route),
 }
 
 /// Classifies a request from its method, headers and request target.
@@ -213,9 +214,15 @@ pub fn classify<'a>(
         let named = |value: &[u8]| value.eq_ignore_ascii_case(m.as_str().as_bytes());
         named(method.as_str().as_bytes()) || overrides.iter().any(|o| named(o))
     };
+    // An override that is not a plain ASCII token is read loosely by someone: Cinder's router
+    // upper-cases `_method` with Python's Unicode-aware `str.upper()` (`poſt` is POST) after
+    // dropping invalid UTF-8. Such a request is ambiguous on any path a route could match.
+    let loose_override = overrides
+        .iter()
+        .any(|o| !o.iter().all(|b| b.is_ascii_graphic()));
     // Most traffic (GET, DELETE) is decided here, without looking at the path.
     let candidates = || routes.iter().filter(|r| r.methods.iter().any(wanted));
-    if candidates().next().is_none() {
+    if !loose_override && candidates().next().is_none() {
         return Class::Passthrough;
     }
     let find = |segments: &[Cow<'_, [u8]>]| {
@@ -242,18 +249,54 @@ pub fn classify<'a>(
     }
     // Readings that a server decoding before splitting, or decoding twice, would make: if any
     // of them is a policed route, the request cannot be classified with certainty.
-    let ambiguous = (facts.encoded_separator
-        && (policed.is_some()
-            || find(&read(path, Reading::SPLIT_ENCODED)).is_some()
-            || find(&read(path, Reading::SPLIT_ENCODED_KEEP_DOTS)).is_some()))
-        || (facts.escape_after_decoding
-            && policed.is_none()
-            && find(&read(path, Reading::TWICE)).is_some());
-    match (ambiguous, policed) {
-        (true, _) => Class::Ambiguous,
-        (false, Some((route, project_id))) => Class::Policed { route, project_id },
-        (false, None) => Class::Passthrough,
+    let by = |how: Reading| find(&read(path, how)).map(|(route, _)| route);
+    let mut ambiguous = None;
+    if facts.encoded_separator {
+        ambiguous = policed
+            .as_ref()
+            .map(|(route, _)| *route)
+            .or_else(|| by(Reading::SPLIT_ENCODED))
+            .or_else(|| by(Reading::SPLIT_ENCODED_KEEP_DOTS));
     }
+    if ambiguous.is_none() && policed.is_none() {
+        if facts.escape_after_decoding {
+            ambiguous = by(Reading::TWICE);
+        }
+        // Decoded control characters and spaces, read as a loose reader would: Python's `$`
+        // matches before a final newline (`/snapshots%0A` is the snapshots collection to
+        // Cinder's router), a C string ends at NUL, and others trim or drop what they cannot
+        // print.
+        if ambiguous.is_none() && facts.loose_bytes {
+            ambiguous = Reading::LOOSE.into_iter().find_map(by);
+        }
+        if ambiguous.is_none() && loose_override {
+            ambiguous = route_on_path(routes, path, &facts);
+        }
+    }
+    match (ambiguous, policed) {
+        (Some(route), _) => Class::Ambiguous(route),
+        (None, Some((route, project_id))) => Class::Policed { route, project_id },
+        (None, None) => Class::Passthrough,
+    }
+}
+
+/// The first route that any reading of `path` matches, whatever the method.
+fn route_on_path<'a>(routes: &'a [Route], path: &str, facts: &Facts) -> Option<&'a Route> {
+    let mut readings = vec![
+        Reading::ONCE,
+        Reading::ONCE_KEEP_DOTS,
+        Reading::ONCE_RAW_PARAMS,
+        Reading::ONCE_KEEP_PARAMS,
+        Reading::SPLIT_ENCODED,
+        Reading::TWICE,
+    ];
+    if facts.loose_bytes {
+        readings.extend(Reading::LOOSE);
+    }
+    readings.into_iter().find_map(|how| {
+        let segments = read(path, how);
+        routes.iter().find(|r| r.matches(&segments).is_some())
+    })
 }
 
 /// The methods named by method-override headers and by Routes' `_method` query parameter
@@ -271,10 +314,12 @@ fn overrides<'h>(headers: &'h HeaderMap, query: &str) -> Vec<Cow<'h, [u8]>> {
     if query.contains("_method") || query.contains('%') {
         for pair in query.split(['&', ';']) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            if form_decode(key)
-                .trim_ascii()
-                .eq_ignore_ascii_case(b"_method")
-            {
+            // WebOb decodes the key with errors ignored: `_meth%FFod` is `_method` to it.
+            let key: Vec<u8> = form_decode(key)
+                .into_iter()
+                .filter(u8::is_ascii_graphic)
+                .collect();
+            if key.eq_ignore_ascii_case(b"_method") {
                 let value = form_decode(value);
                 methods.extend(
                     value
@@ -306,6 +351,9 @@ struct Facts {
     escape_after_decoding: bool,
     /// A `;`, plain or encoded: a servlet container cuts a parameter there, Cinder does not.
     semicolons: bool,
+    /// A decoded control character (`%00`-`%1F`, `%7F`), space or non-ASCII byte: loose
+    /// readers drop, trim or stop at them.
+    loose_bytes: bool,
 }
 
 impl Facts {
@@ -315,12 +363,14 @@ impl Facts {
             dot_segments: false,
             escape_after_decoding: false,
             semicolons: false,
+            loose_bytes: false,
         };
         for raw in path.split('/') {
             let decoded = percent_decode(raw.as_bytes());
             facts.encoded_separator |= decoded.iter().any(is_separator);
             facts.escape_after_decoding |= raw.contains('%') && decoded.contains(&b'%');
             facts.semicolons |= decoded.contains(&b';');
+            facts.loose_bytes |= decoded.iter().copied().any(is_loose);
             let cut = decoded.split(|b| *b == b';').next().unwrap_or_default();
             facts.dot_segments |= matches!(cut, b"." | b"..");
         }
@@ -332,6 +382,13 @@ fn is_separator(b: &u8) -> bool {
     matches!(b, b'/' | b'\\')
 }
 
+/// A byte a loose reader may drop, trim or stop at: an ASCII control character, a space, or
+/// any byte of a non-ASCII character (Unicode whitespace such as U+3000, or `%85` and `%A0`,
+/// which are whitespace to Python once a WSGI server has decoded the path as Latin-1).
+fn is_loose(b: u8) -> bool {
+    b.is_ascii_control() || b == b' ' || !b.is_ascii()
+}
+
 /// One way of turning a path into segments.
 #[derive(Clone, Copy)]
 struct Reading {
@@ -339,6 +396,18 @@ struct Reading {
     split_encoded: bool,
     resolve_dots: bool,
     params: Params,
+    loose: Loose,
+}
+
+/// What a reading does with control characters and spaces once decoded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Loose {
+    /// They are data, as in any strict reader.
+    Keep,
+    /// Dropped wherever they are (what trims, strips or skips them reads at least this).
+    Drop,
+    /// The path ends at the first NUL, as a C string does.
+    CutAtNul,
 }
 
 /// Where a segment's `;params` are cut, if at all.
@@ -358,6 +427,7 @@ impl Reading {
         split_encoded: false,
         resolve_dots: true,
         params: Params::CutDecoded,
+        loose: Loose::Keep,
     };
     const ONCE_RAW_PARAMS: Self = Self {
         params: Params::CutRaw,
@@ -384,7 +454,27 @@ impl Reading {
         split_encoded: true,
         resolve_dots: true,
         params: Params::CutDecoded,
+        loose: Loose::Keep,
     };
+    /// The loose readings, tried only on a path with a decoded control character or space.
+    const LOOSE: [Self; 4] = [
+        Self {
+            loose: Loose::Drop,
+            ..Self::ONCE
+        },
+        Self {
+            loose: Loose::Drop,
+            ..Self::ONCE_KEEP_PARAMS
+        },
+        Self {
+            loose: Loose::Drop,
+            ..Self::ONCE_KEEP_DOTS
+        },
+        Self {
+            loose: Loose::CutAtNul,
+            ..Self::ONCE
+        },
+    ];
 }
 
 /// The segments of `path` under `how`: percent-decoded, `;params` cut, empty segments (`//`,
@@ -400,6 +490,19 @@ fn read(path: &str, how: Reading) -> Vec<Cow<'_, [u8]>> {
         let mut segment = percent_decode(raw.as_bytes());
         if how.decode_twice {
             segment = Cow::Owned(percent_decode(&segment).into_owned());
+        }
+        match how.loose {
+            Loose::Keep => {}
+            Loose::Drop if segment.iter().copied().any(is_loose) => {
+                segment = Cow::Owned(segment.iter().copied().filter(|b| !is_loose(*b)).collect());
+            }
+            Loose::Drop => {}
+            Loose::CutAtNul => {
+                if let Some(nul) = segment.iter().position(|b| *b == 0) {
+                    push_segment(&mut out, Cow::Owned(segment[..nul].to_vec()), how);
+                    break;
+                }
+            }
         }
         if how.split_encoded && segment.iter().any(is_separator) {
             for piece in segment.split(is_separator) {
@@ -462,14 +565,37 @@ fn percent_decode(raw: &[u8]) -> Cow<'_, [u8]> {
 }
 
 impl Route {
-    /// The decoded `{project_id}` (or `Some(None)` for a template without one) if the path fits.
+    /// The decoded `{project_id}` (or `Some(None)` when the path names none) if the path fits.
+    /// `{project_id}` may also be left out: from microversion 3.67 Cinder's router adds a twin
+    /// without it to every resource route (`/v3/os-snapshot-manage`, `/v3/cgsnapshots`, ...).
     fn matches(&self, segments: &[Cow<'_, [u8]>]) -> Option<Option<String>> {
-        if segments.len() != self.segments.len() {
+        if segments.len() == self.segments.len() {
+            return self.fits(self.segments.iter(), segments);
+        }
+        let project = self
+            .segments
+            .iter()
+            .position(|s| matches!(s, Segment::Param(name) if name == "project_id"))?;
+        if segments.len() + 1 != self.segments.len() {
             return None;
         }
+        let without = self
+            .segments
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != project)
+            .map(|(_, s)| s);
+        self.fits(without, segments).map(|_| None)
+    }
+
+    fn fits<'t>(
+        &self,
+        template: impl Iterator<Item = &'t Segment>,
+        segments: &[Cow<'_, [u8]>],
+    ) -> Option<Option<String>> {
         let mut project_id = None;
-        let last = self.segments.len().saturating_sub(1);
-        for (i, (template, actual)) in self.segments.iter().zip(segments).enumerate() {
+        let last = segments.len().saturating_sub(1);
+        for (i, (template, actual)) in template.zip(segments).enumerate() {
             match template {
                 Segment::Literal(lit) => {
                     // Routes (Cinder's router) also accepts a `.json`-style format suffix on the
@@ -515,7 +641,7 @@ mod tests {
         match classify(&routes, &method, &headers, &uri) {
             Class::Passthrough => None,
             Class::Policed { route, .. } => Some(route.template.to_string()),
-            Class::Ambiguous => Some("ambiguous".to_owned()),
+            Class::Ambiguous(_) => Some("ambiguous".to_owned()),
         }
     }
 
@@ -524,14 +650,14 @@ mod tests {
     #[test]
     fn the_default_table_has_every_route() {
         let routes = default_routes();
-        assert_eq!(routes.len(), 17);
+        assert_eq!(routes.len(), 16);
         assert_eq!(
             routes[0].template,
             "/v3/{project_id}/snapshots/{snapshot_id}"
         );
         assert_eq!(routes[0].methods, [Method::PUT]);
         assert_eq!(routes[0].error_style, ErrorStyle::Openstack);
-        assert_eq!(routes[16].error_style, ErrorStyle::Huawei);
+        assert_eq!(routes[15].error_style, ErrorStyle::Huawei);
     }
 
     #[test]
@@ -632,8 +758,25 @@ mod tests {
                 "/v2/p1/snapshots/s1",
                 "/v2/{project_id}/snapshots/{snapshot_id}",
             ),
-            ("POST", "/v3/snapshots", "/v3/snapshots"),
-            ("PUT", "/v3/snapshots/s1", "/v3/snapshots/{snapshot_id}"),
+            ("POST", "/v3/snapshots", "/v3/{project_id}/snapshots"),
+            ("PUT", "/v3/snapshots/s1", UPDATE),
+            (
+                "POST",
+                "/v3/os-snapshot-manage.json",
+                "/v3/{project_id}/os-snapshot-manage",
+            ),
+            ("POST", "/v3/cgsnapshots", "/v3/{project_id}/cgsnapshots"),
+            ("POST", "/v5/p1/snapshots", "/v5/{project_id}/snapshots"),
+            (
+                "POST",
+                "/v5/p1/snapshot-groups",
+                "/v5/{project_id}/snapshot-groups",
+            ),
+            (
+                "PUT",
+                "/v5/p1/snapshot-groups/g1",
+                "/v5/{project_id}/snapshot-groups/{snapshot_group_id}",
+            ),
             (
                 "POST",
                 "/v3/p1/manageable_snapshots",
@@ -739,7 +882,7 @@ mod tests {
         );
         assert_eq!(
             class_of("PUT", "/v3/./snapshots/s1", &[]).as_deref(),
-            Some("/v3/snapshots/{snapshot_id}")
+            Some(UPDATE)
         );
     }
 
@@ -762,6 +905,123 @@ mod tests {
             Some(UPDATE)
         );
         assert_eq!(class_of("PUT", "/v3/p1/volumes/%2573", &[]), None);
+    }
+
+    #[test]
+    fn decoded_control_characters_on_a_route_are_refused() {
+        // Python's `$` matches before a final newline: Cinder routes these to the actions.
+        for (method, path) in [
+            ("POST", "/v3/ab12/snapshots%0A"),
+            ("POST", "/v3/ab12/snapshots%0a"),
+            ("POST", "/v3/snapshots%0A"),
+            ("POST", "/v3/ab12/manageable_snapshots%0A"),
+            ("POST", "/v3/ab12/os-snapshot-manage%0A"),
+            ("POST", "/v3/ab12/group_snapshots%0A"),
+            ("POST", "/v3/ab12/cgsnapshots%0A"),
+            // What a looser reader might make of them: dropped, trimmed, cut at NUL.
+            ("POST", "/v2/p1/cloudsnapshots%09"),
+            ("PUT", "/v5/p1/snapshots%00/s1"),
+            ("PUT", "/v5%1F/p1/snapshots/s1"),
+            ("POST", "/v2/p1/%0Bcloudsnapshots"),
+            ("POST", "/v3/p1/snapshots%00.html"),
+            ("POST", "/v3/p1/snap%7Fshots"),
+            ("POST", "/v3/p1/snapshots%20"),
+            ("POST", "/v2/p1/cloudsnapshots%A0"),
+            ("POST", "/v2/p1/%E3%80%80cloudsnapshots"),
+            ("PUT", "/v5/p1/snapshots%C2%85/s1"),
+        ] {
+            assert_eq!(
+                class_of(method, path, &[]).as_deref(),
+                Some("ambiguous"),
+                "{method} {path}"
+            );
+        }
+        // The format suffix is cut at the last dot, so this one is simply policed.
+        assert_eq!(
+            class_of("POST", "/v3/ab12/snapshots.json%0A", &[]).as_deref(),
+            Some("/v3/{project_id}/snapshots")
+        );
+        // A control character inside an id is only data: the route is still policed.
+        assert_eq!(
+            class_of("PUT", "/v3/p1/snapshots/s1%0A", &[]).as_deref(),
+            Some(UPDATE)
+        );
+        // Nothing a loose reading makes a route: forwarded.
+        assert_eq!(class_of("POST", "/v3/p1/volumes%0A", &[]), None);
+        assert_eq!(class_of("GET", "/v3/p1/snapshots%0A", &[]), None);
+    }
+
+    #[test]
+    fn method_overrides_that_are_not_plain_ascii_are_refused_on_a_route() {
+        for path in [
+            // U+017F, which Python's str.upper() makes S: `poſt` is POST to Cinder's router.
+            "/v3/ab12/snapshots?_method=po%C5%BFt",
+            // U+FB05 is `ST` upper-cased.
+            "/v3/ab12/snapshots?_method=po%EF%AC%85",
+            // WebOb drops invalid UTF-8.
+            "/v3/ab12/snapshots?_method=PO%FFST",
+            "/v3/ab12/snapshots/s1?_method=p%C5%BFt",
+            "/v3/ab12/snapshots?_method=PO%00ST",
+        ] {
+            assert_eq!(
+                class_of("GET", path, &[]).as_deref(),
+                Some("ambiguous"),
+                "{path}"
+            );
+        }
+        // The same on a path no route matches is nobody's business.
+        assert_eq!(
+            class_of("GET", "/v3/ab12/volumes?_method=po%C5%BFt", &[]),
+            None
+        );
+        // A key WebOb reads as `_method` once invalid UTF-8 is dropped.
+        assert_eq!(
+            class_of("GET", "/v3/ab12/snapshots?_meth%FFod=POST", &[]).as_deref(),
+            Some("/v3/{project_id}/snapshots")
+        );
+    }
+
+    #[test]
+    fn every_route_is_also_matched_without_its_project_id() {
+        for (method, path, want) in [
+            (
+                "POST",
+                "/v3/os-snapshot-manage",
+                "/v3/{project_id}/os-snapshot-manage",
+            ),
+            (
+                "POST",
+                "/v3/cgsnapshots.json",
+                "/v3/{project_id}/cgsnapshots",
+            ),
+            (
+                "POST",
+                "/v3/group_snapshots",
+                "/v3/{project_id}/group_snapshots",
+            ),
+            (
+                "POST",
+                "/v3/manageable_snapshots",
+                "/v3/{project_id}/manageable_snapshots",
+            ),
+            ("PUT", "/V3/Snapshots/s1", UPDATE),
+        ] {
+            assert_eq!(
+                class_of(method, path, &[]).as_deref(),
+                Some(want),
+                "{method} {path}"
+            );
+        }
+        let routes = default_routes();
+        let uri = Uri::from_static("/v3/snapshots/s1");
+        let class = classify(&routes, &Method::PUT, &HeaderMap::new(), &uri);
+        assert!(matches!(
+            class,
+            Class::Policed {
+                project_id: None,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -802,7 +1062,7 @@ mod tests {
                 ("display_description".to_owned(), "description".to_owned())
             ]
         );
-        assert!(routes[16].renames.is_empty());
+        assert!(routes[15].renames.is_empty());
     }
 
     #[test]

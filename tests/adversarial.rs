@@ -326,6 +326,150 @@ async fn path_spellings() {
     .await;
 }
 
+/// The three classes Cinder's own router was found to read differently (a final newline, a
+/// Unicode `_method`, project-less twins of every route), and what looser readers might make
+/// of control characters, on Cinder and EVS routes alike.
+#[tokio::test]
+async fn spellings_python_routers_read_loosely() {
+    let post = |target: &str, body: &str| req("POST", target, "", body.as_bytes());
+    let cg = r#"{"cgsnapshot":{"consistencygroup_id":"c","name":"autobk_snapshot_x"}}"#;
+    let group = r#"{"snapshot_group":{"name":"autobk_snapshot_x"}}"#;
+    run(vec![
+        (
+            "final newline",
+            post("/v3/ab12/snapshots%0A", RESERVED),
+            Refused(400),
+        ),
+        (
+            "final newline, lower",
+            post("/v3/ab12/snapshots%0a", RESERVED),
+            Refused(400),
+        ),
+        (
+            "final newline, project-less",
+            post("/v3/snapshots%0A", RESERVED),
+            Refused(400),
+        ),
+        (
+            "final newline, manage",
+            post("/v3/ab12/os-snapshot-manage%0A", RESERVED),
+            Refused(400),
+        ),
+        (
+            "final newline, cgsnapshots",
+            post("/v3/ab12/cgsnapshots%0A", cg),
+            Refused(400),
+        ),
+        (
+            "_method with U+017F",
+            req(
+                "GET",
+                "/v3/ab12/snapshots?_method=po%C5%BFt",
+                "",
+                RESERVED.as_bytes(),
+            ),
+            Refused(400),
+        ),
+        (
+            "_method with U+FB05",
+            req(
+                "GET",
+                "/v3/ab12/snapshots?_method=po%EF%AC%85",
+                "",
+                RESERVED.as_bytes(),
+            ),
+            Refused(400),
+        ),
+        (
+            "_method with invalid UTF-8",
+            req(
+                "GET",
+                "/v3/ab12/snapshots?_method=PO%FFST",
+                "",
+                RESERVED.as_bytes(),
+            ),
+            Refused(400),
+        ),
+        (
+            "project-less manage",
+            post("/v3/os-snapshot-manage", RESERVED),
+            Refused(400),
+        ),
+        (
+            "project-less manage .json",
+            post("/v3/os-snapshot-manage.json", RESERVED),
+            Refused(400),
+        ),
+        (
+            "project-less cgsnapshots",
+            post("/v3/cgsnapshots", cg),
+            Refused(400),
+        ),
+        (
+            "EVS v5 create",
+            post("/v5/p1/snapshots", RESERVED),
+            Refused(400),
+        ),
+        (
+            "EVS v5 group create",
+            post("/v5/p1/snapshot-groups", group),
+            Refused(400),
+        ),
+        (
+            "EVS v5 group update",
+            req("PUT", "/v5/p1/snapshot-groups/g1", "", group.as_bytes()),
+            Refused(400),
+        ),
+        (
+            "EVS tab",
+            post("/v2/p1/cloudsnapshots%09", RESERVED),
+            Refused(400),
+        ),
+        (
+            "EVS NUL",
+            put("/v5/p1/snapshots%00/s1", RESERVED),
+            Refused(400),
+        ),
+        (
+            "EVS unit separator",
+            put("/v5%1F/p1/snapshots/s1", RESERVED),
+            Refused(400),
+        ),
+        (
+            "EVS vertical tab",
+            post("/v2/p1/%0Bcloudsnapshots", RESERVED),
+            Refused(400),
+        ),
+        (
+            "EVS no-break space",
+            post("/v2/p1/cloudsnapshots%C2%A0", RESERVED),
+            Refused(400),
+        ),
+        // Still forwarded: a newline in an id is data, and other routes are not policed.
+        (
+            "allowed name, newline id",
+            put("/v3/p1/snapshots/s1%0A", FINE),
+            Forwarded,
+        ),
+        (
+            "not a route, newline",
+            post("/v3/p1/volumes%0A", RESERVED),
+            Forwarded,
+        ),
+        (
+            "not a route, Unicode _method",
+            req(
+                "GET",
+                "/v3/p1/volumes?_method=po%C5%BFt",
+                "",
+                RESERVED.as_bytes(),
+            ),
+            Forwarded,
+        ),
+    ])
+    .await;
+}
+
 #[tokio::test]
 async fn method_spellings() {
     let post = |headers: &str, target: &str| req("POST", target, headers, RESERVED.as_bytes());
@@ -683,6 +827,9 @@ async fn http2_requests_are_policed_the_same_way() {
             vec![("x-http-method-override", "PUT")],
             400,
         ),
+        ("/v5%1F/p1/snapshots/s1", RESERVED, vec![], 400),
+        ("/v3/snapshots/s1", RESERVED, vec![], 400),
+        ("/v5/p1/snapshots%00/s1", RESERVED, vec![], 400),
     ] {
         let got = send(
             Version::HTTP_2,
@@ -703,6 +850,13 @@ async fn http2_requests_are_policed_the_same_way() {
     )
     .await;
     assert_eq!(got.status, StatusCode::BAD_REQUEST);
+    for (method, path) in [
+        ("POST", "/v3/ab12/snapshots%0A"),
+        ("GET", "/v3/ab12/snapshots?_method=po%C5%BFt"),
+    ] {
+        let got = send(Version::HTTP_2, method, &proxy.url(path), &[], RESERVED).await;
+        assert_eq!(got.status, StatusCode::BAD_REQUEST, "{method} {path}");
+    }
     assert!(upstream.seen().is_empty());
 }
 

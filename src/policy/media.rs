@@ -24,46 +24,113 @@ pub fn check_content_type<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Res
     let Ok(text) = std::str::from_utf8(value) else {
         return refuse();
     };
-    let mut parts = text.split(';');
-    let essence = parts.next().unwrap_or_default().trim();
+    // The essence ends at the first `;`, as Cinder (WebOb) reads it; a `;` inside a quoted
+    // parameter value further on is data, not a separator.
+    let (essence, params) = text.split_once(';').unwrap_or((text, ""));
+    let essence = essence.trim();
     let Some((ty, sub)) = essence.split_once('/') else {
         return refuse();
     };
-    let token = |s: &str| {
-        !s.is_empty()
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
-    };
     let json = (ty.eq_ignore_ascii_case("application") && sub.eq_ignore_ascii_case("json"))
         || sub.len() > 5 && sub.as_bytes()[sub.len() - 5..].eq_ignore_ascii_case(b"+json");
-    if !(token(ty) && token(sub) && json) {
+    if !(is_token(ty.as_bytes()) && is_token(sub.as_bytes()) && json) {
         return refuse();
     }
-    let mut names: Vec<String> = Vec::new();
-    for param in parts.map(str::trim).filter(|p| !p.is_empty()) {
-        let Some((name, value)) = param.split_once('=') else {
-            return refuse();
-        };
-        let name = name.trim().to_ascii_lowercase();
-        if !token(&name) || names.contains(&name) {
-            return refuse();
-        }
-        let value = value.trim();
-        let value = match value.strip_prefix('"') {
-            Some(quoted) => match quoted.strip_suffix('"') {
-                Some(inner) if !inner.contains(['"', '\\']) => inner,
-                _ => return refuse(),
-            },
-            None => value,
-        };
-        if name == "charset"
-            && !(value.eq_ignore_ascii_case("utf-8") || value.eq_ignore_ascii_case("utf8"))
+    let Some(params) = parameters(params.as_bytes()) else {
+        return refuse();
+    };
+    let mut charsets = params
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case(b"charset"));
+    // One charset, UTF-8, or none: two could be read either way.
+    match (charsets.next(), charsets.next()) {
+        (None, _) => Ok(()),
+        (Some((_, value)), None)
+            if value.eq_ignore_ascii_case(b"utf-8") || value.eq_ignore_ascii_case(b"utf8") =>
         {
-            return refuse();
+            Ok(())
         }
-        names.push(name);
+        _ => refuse(),
     }
-    Ok(())
+}
+
+/// RFC 9110 `tchar`s, at least one.
+fn is_token(s: &[u8]) -> bool {
+    !s.is_empty()
+        && s.iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b))
+}
+
+/// The parameters after a media type's essence (the text after its first `;`), by RFC 9110
+/// section 5.6.6: `*( OWS ";" OWS [ token "=" ( token / quoted-string ) ] )`, quoted strings
+/// with their `\` escapes undone. `None` when the text does not follow that grammar.
+fn parameters(text: &[u8]) -> Option<Vec<(&[u8], Vec<u8>)>> {
+    let is_ows = |b: &u8| matches!(b, b' ' | b'\t');
+    let mut params = Vec::new();
+    // The first `;` was consumed by the caller.
+    let mut rest = text;
+    loop {
+        rest = &rest[rest.iter().take_while(|b| is_ows(b)).count()..];
+        if rest.is_empty() {
+            return Some(params);
+        }
+        if rest[0] != b';' {
+            let name_len = rest
+                .iter()
+                .take_while(|b| is_token(std::slice::from_ref(b)))
+                .count();
+            let (name, after) = rest.split_at(name_len);
+            let after = after.strip_prefix(b"=")?;
+            if name.is_empty() {
+                return None;
+            }
+            let (value, after) = match after.strip_prefix(b"\"") {
+                Some(quoted) => quoted_string(quoted)?,
+                None => {
+                    let len = after
+                        .iter()
+                        .take_while(|b| is_token(std::slice::from_ref(b)))
+                        .count();
+                    if len == 0 {
+                        return None;
+                    }
+                    (after[..len].to_vec(), &after[len..])
+                }
+            };
+            params.push((name, value));
+            rest = &after[after.iter().take_while(|b| is_ows(b)).count()..];
+            if rest.is_empty() {
+                return Some(params);
+            }
+        }
+        rest = rest.strip_prefix(b";")?;
+    }
+}
+
+/// The content of a quoted string whose opening quote is already read, and what follows its
+/// closing quote.
+fn quoted_string(text: &[u8]) -> Option<(Vec<u8>, &[u8])> {
+    let mut value = Vec::new();
+    let mut i = 0;
+    while i < text.len() {
+        match text[i] {
+            b'"' => return Some((value, &text[i + 1..])),
+            b'\\' => {
+                let escaped = *text.get(i + 1)?;
+                if escaped.is_ascii_control() && escaped != b'\t' {
+                    return None;
+                }
+                value.push(escaped);
+                i += 2;
+            }
+            b if b.is_ascii_control() && b != b'\t' => return None,
+            b => {
+                value.push(b);
+                i += 1;
+            }
+        }
+    }
+    None
 }
 
 /// Accepts no Content-Encoding, or only `identity`.
@@ -102,6 +169,12 @@ mod tests {
             "application/json-patch+json",
             "application/json;",
             "application/json; foo=bar",
+            // Quoted parameter values may hold `;`, `\"` and spaces (RFC 9110 section 5.6.4).
+            "application/json; profile=\"a;b\"",
+            "application/json; profile=\"a\\\";b\"; charset=utf-8",
+            "application/json; profile=\"x y\" ; ; q=1",
+            "application/json;profile=\"\"",
+            "application/json; Profile=a; profile=b",
         ] {
             assert!(ct(&[v]), "{v}");
         }
@@ -127,6 +200,12 @@ mod tests {
             "application/json; charset",
             "application/json; charset=\"utf-8",
             "application /json",
+            "application/json; =x",
+            "application/json; a=",
+            "application/json; a=b c",
+            "application/json; a=\"b\"c",
+            "application/json; charset=\"utf-16\"",
+            "application/json; charset=\"utf-8\"; CHARSET=utf-8",
         ] {
             assert!(!ct(&[v]), "{v}");
         }
