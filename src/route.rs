@@ -312,33 +312,23 @@ fn overrides<'h>(headers: &'h HeaderMap, query: &str) -> Vec<Cow<'h, [u8]>> {
         .map(|m| Cow::Borrowed(m.trim_ascii()))
         .collect();
     if query.contains("_method") || query.contains('%') {
-        for pair in query.split(['&', ';']) {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            // WebOb decodes the key with errors ignored: `_meth%FFod` is `_method` to it.
-            let key: Vec<u8> = form_decode(key)
-                .into_iter()
-                .filter(u8::is_ascii_graphic)
-                .collect();
-            if key.eq_ignore_ascii_case(b"_method") {
-                let value = form_decode(value);
-                methods.extend(
-                    value
-                        .split(|b| *b == b',')
-                        .map(|m| Cow::Owned(m.trim_ascii().to_vec())),
-                );
+        // Pairs split at `&` (form_urlencoded) and also at `;` (older form parsers).
+        for piece in query.split(';') {
+            for (key, value) in form_urlencoded::parse(piece.as_bytes()) {
+                // WebOb decodes the key with errors ignored: `_meth%FFod` is `_method` to it.
+                // Invalid UTF-8 comes out of the parser as U+FFFD, which is dropped here.
+                let key: Vec<u8> = key.bytes().filter(u8::is_ascii_graphic).collect();
+                if key.eq_ignore_ascii_case(b"_method") {
+                    methods.extend(
+                        value
+                            .split(',')
+                            .map(|m| Cow::Owned(m.as_bytes().trim_ascii().to_vec())),
+                    );
+                }
             }
         }
     }
     methods
-}
-
-/// Decodes a query component as a form does: `+` is a space, `%XX` a byte.
-fn form_decode(raw: &str) -> Vec<u8> {
-    let plus_as_space: Vec<u8> = raw
-        .bytes()
-        .map(|b| if b == b'+' { b' ' } else { b })
-        .collect();
-    percent_decode(&plus_as_space).into_owned()
 }
 
 /// What a path holds that calls for more than one reading.
@@ -539,29 +529,7 @@ fn push_segment<'p>(out: &mut Vec<Cow<'p, [u8]>>, segment: Cow<'p, [u8]>, how: R
 
 /// Decodes every valid `%XX` escape, as a WSGI server does before routing. Invalid escapes stay.
 fn percent_decode(raw: &[u8]) -> Cow<'_, [u8]> {
-    if !raw.contains(&b'%') {
-        return Cow::Borrowed(raw);
-    }
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        let escaped = raw
-            .get(i + 1..i + 3)
-            .filter(|_| raw[i] == b'%')
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match escaped {
-            Some(byte) => {
-                out.push(byte);
-                i += 3;
-            }
-            None => {
-                out.push(raw[i]);
-                i += 1;
-            }
-        }
-    }
-    Cow::Owned(out)
+    percent_encoding::percent_decode(raw).into()
 }
 
 impl Route {
