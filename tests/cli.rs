@@ -235,3 +235,46 @@ async fn the_binary_runs_on_flags_alone_and_drains_on_sigterm() {
         access[1]
     );
 }
+
+#[test]
+fn check_prints_a_json_verdict_on_request() {
+    let o = run(
+        &["check", "--format", "json", "PUT", "/v3/p/snapshots/s"],
+        r#"{"snapshot":{"display_name":"nightly"}}"#,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["decision"], "normalized");
+    assert_eq!(v["route"], "/v3/{project_id}/snapshots/{snapshot_id}");
+    assert_eq!(v["status"], serde_json::Value::Null);
+    assert_eq!(v["body"], r#"{"snapshot":{"name":"nightly"}}"#);
+}
+
+#[test]
+fn check_batch_answers_each_line_in_order() {
+    let lines = [
+        r#"{"method":"PUT","target":"/v3/p/snapshots/s","body":"{\"snapshot\":{\"name\":\"autobk_snapshot_x\"}}"}"#,
+        r#"{"method":"GET","target":"/v3/p/snapshots/s"}"#,
+        r#"{"method":"POST","target":"/v3/ab12/snapshots%0A","headers":[["Content-Type","application/json"]]}"#,
+        r#"{"method":"P T","target":"/v3/p/snapshots/s"}"#,
+        r#"{"method":"CONNECT","target":"example.com:443"}"#,
+    ];
+    let o = run(&["check", "--batch"], &(lines.join("\n") + "\n"));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let verdicts: Vec<serde_json::Value> = stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let decisions: Vec<_> = verdicts.iter().map(|v| v["decision"].clone()).collect();
+    assert_eq!(
+        decisions,
+        ["rejected", "passthrough", "rejected", "invalid", "rejected"]
+    );
+    assert_eq!(verdicts[0]["rule"], "reserved_prefix");
+    assert_eq!(verdicts[2]["rule"], "ambiguous_path");
+    assert_eq!(verdicts[4]["status"], 405);
+
+    let bad = run(&["check", "--batch"], "not json\n");
+    assert_eq!(bad.status.code(), Some(64));
+    assert!(stderr(&bad).contains("line 1"), "{}", stderr(&bad));
+}
