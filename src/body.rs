@@ -1,9 +1,10 @@
 //! The one body type snapguard sends in both directions.
 //!
-//! A buffered prefix followed by a stream: a passthrough body is a stream alone, a policed or
-//! error body is a prefix alone, and an oversized body forwarded in audit mode is both (the part
-//! read while policing, then the rest). One concrete type keeps the upstream client monomorphic
-//! without boxing every body. It also counts the bytes it carries for the access record.
+//! A buffered prefix followed by a stream: a small or policed body is a prefix alone, a large
+//! one a stream (or the part read while deciding to buffer it, then the rest). One concrete type
+//! keeps the upstream client monomorphic without boxing every body. A stream is always held to
+//! its [`Pace`] ([`crate::lifetime`]); the body also counts the bytes it carries for the access
+//! record, and gives a response's upstream connection back once both directions are done.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,18 +17,21 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::access::Exchange;
 use crate::conn::InFlight;
-use crate::upstream::Lease;
+use crate::lifetime::{Pace, Watched};
+use crate::upstream::{BoxError, Lease};
 
 #[derive(Debug, Default)]
 pub struct ProxyBody {
     prefix: Option<Bytes>,
-    rest: Option<Incoming>,
+    rest: Option<Watched<Incoming>>,
     tally: Tally,
     /// Keeps the exchange counted as in flight on its connection until the body is done.
     in_flight: Option<InFlight>,
     /// The upstream connection a response body comes from, released as soon as it has been
-    /// read whole.
-    lease: Option<Lease>,
+    /// read whole and its request sent whole.
+    lease: Option<(Lease, Arc<Progress>)>,
+    /// Buffered bytes counted against `limits.buffer_memory` while this body holds them.
+    budget: Option<crate::lifetime::Reservation>,
 }
 
 /// Where the bytes a body carries are counted.
@@ -48,6 +52,9 @@ pub struct Progress {
     epoch: Instant,
     received: AtomicU64,
     moved_ms: AtomicU64,
+    /// Set once the request body has been handed on whole: only then may its upstream
+    /// connection carry another request.
+    sent_whole: std::sync::atomic::AtomicBool,
 }
 
 impl Progress {
@@ -56,7 +63,17 @@ impl Progress {
             epoch: Instant::now(),
             received: AtomicU64::new(0),
             moved_ms: AtomicU64::new(0),
+            sent_whole: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Whether the request body has been sent upstream to its end.
+    pub fn sent_whole(&self) -> bool {
+        self.sent_whole.load(Ordering::Acquire)
+    }
+
+    fn finished(&self) {
+        self.sent_whole.store(true, Ordering::Release);
     }
 
     /// Bytes of request body received from downstream so far.
@@ -87,14 +104,25 @@ impl ProxyBody {
         }
     }
 
-    pub fn stream(body: Incoming) -> Self {
+    /// A body streamed as it comes, held to `pace`.
+    pub fn stream(body: Incoming, pace: Pace) -> Self {
         Self {
-            rest: Some(body),
+            rest: Some(Watched::new(body, pace)),
             ..Self::default()
         }
     }
 
-    pub fn prefixed(prefix: Bytes, rest: Incoming) -> Self {
+    /// What was read of a body, then the rest of it streamed, held to `pace`.
+    pub fn prefixed(prefix: Bytes, rest: Incoming, pace: Pace) -> Self {
+        Self {
+            prefix: Some(prefix),
+            rest: Some(Watched::new(rest, pace)),
+            ..Self::default()
+        }
+    }
+
+    /// What was read of a watched body, then the rest of it.
+    pub fn prefixed_watched(prefix: Bytes, rest: Watched<Incoming>) -> Self {
         Self {
             prefix: Some(prefix),
             rest: Some(rest),
@@ -102,22 +130,36 @@ impl ProxyBody {
         }
     }
 
+    /// Counts buffered bytes against the memory budget until this body is dropped.
+    pub fn budgeted(mut self, reservation: crate::lifetime::Reservation) -> Self {
+        self.budget = Some(reservation);
+        self
+    }
+
     /// Reports a request body's progress: streamed bytes count as received, and every frame
     /// sent (and the end of the body) as movement.
     pub fn tracking(mut self, progress: Arc<Progress>) -> Self {
+        if self.is_end_stream() {
+            // An empty body is never polled: it is sent whole as it stands.
+            progress.finished();
+        }
         self.tally = Tally::Request(progress);
         self
     }
 
     /// Counts the exchange as in flight on its connection until this body is dropped.
-    pub fn holding(mut self, in_flight: InFlight) -> Self {
+    /// It is a response being sent from now on, watched for the downstream taking it.
+    pub fn holding(mut self, mut in_flight: InFlight) -> Self {
+        in_flight.responding();
         self.in_flight = Some(in_flight);
         self
     }
 
-    /// Returns `lease`'s connection to the pool once this (response) body has been read whole.
-    pub fn leasing(mut self, lease: Lease) -> Self {
-        self.lease = Some(lease);
+    /// Returns `lease`'s connection to the pool once this (response) body has been read whole,
+    /// if `request` has been sent whole by then; otherwise the connection is closed after the
+    /// exchange, so that no request waits behind another's upload.
+    pub fn leasing(mut self, lease: Lease, request: Arc<Progress>) -> Self {
+        self.lease = Some((lease, request));
         self.release_if_read();
         self
     }
@@ -125,8 +167,10 @@ impl ProxyBody {
     /// Once the upstream body has ended, its connection can serve another request.
     fn release_if_read(&mut self) {
         if self.rest.as_ref().is_none_or(Body::is_end_stream) {
-            if let Some(lease) = self.lease.take() {
-                lease.release();
+            if let Some((lease, request)) = self.lease.take() {
+                if request.sent_whole() {
+                    lease.release();
+                }
             }
         }
     }
@@ -139,6 +183,14 @@ impl ProxyBody {
 
     fn prefix_len(&self) -> u64 {
         self.prefix.as_ref().map_or(0, |p| p.len() as u64)
+    }
+
+    /// The stream has ended: a request body was sent whole, a response's connection may go back.
+    fn ended(&mut self) {
+        if let Tally::Request(progress) = &self.tally {
+            progress.finished();
+        }
+        self.release_if_read();
     }
 
     fn count(&mut self, n: usize) {
@@ -165,41 +217,66 @@ impl Drop for Tally {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        // Polled: the downstream is taking the response. The upstream side is polled with a
+        // waker that tells when its data is there.
+        let relay = this
+            .in_flight
+            .as_mut()
+            .and_then(|in_flight| in_flight.taken(cx.waker()));
         if let Some(prefix) = this.prefix.take().filter(|p| !p.is_empty()) {
             // A request prefix was counted by whoever read it; a response prefix is sent here.
             match &mut this.tally {
                 Tally::None => {}
-                Tally::Request(progress) => progress.moved(),
+                Tally::Request(progress) => {
+                    progress.moved();
+                    if this.rest.as_ref().is_none_or(Body::is_end_stream) {
+                        progress.finished();
+                    }
+                }
                 Tally::Response(exchange) => exchange.bytes_out += prefix.len() as u64,
+            }
+            if let Some(in_flight) = &this.in_flight {
+                in_flight.sent(prefix.len());
             }
             return Poll::Ready(Some(Ok(Frame::data(prefix))));
         }
         let Some(rest) = &mut this.rest else {
             return Poll::Ready(None);
         };
-        let polled = Pin::new(rest).poll_frame(cx);
+        let polled = match &relay {
+            Some(waker) => Pin::new(rest).poll_frame(&mut Context::from_waker(waker)),
+            None => Pin::new(rest).poll_frame(cx),
+        };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.count(data.len());
+                    if let Some(in_flight) = &this.in_flight {
+                        in_flight.sent(data.len());
+                    }
                 }
                 // A sized body ends with its last frame: hyper will not poll it again.
-                if this.lease.is_some() {
-                    this.release_if_read();
+                if this.rest.as_ref().is_some_and(Body::is_end_stream) {
+                    this.ended();
                 }
             }
             Poll::Ready(None) => {
                 this.rest = None;
-                this.release_if_read();
+                this.ended();
             }
-            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+            Poll::Pending => {
+                if let Some(in_flight) = &this.in_flight {
+                    in_flight.waiting_upstream();
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {}
         }
         polled
     }

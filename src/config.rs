@@ -200,6 +200,19 @@ pub struct Timeouts {
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish.
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
+    /// A streamed body, either way, may not stand still longer than this; nor may a response
+    /// the downstream does not take.
+    #[serde(deserialize_with = "duration")]
+    pub body_idle: Duration,
+    /// After this long, a streamed body must have averaged `limits.min_body_rate`.
+    #[serde(deserialize_with = "duration")]
+    pub min_rate_grace: Duration,
+    /// A request may wait this long for an upstream slot, then gets 503.
+    #[serde(deserialize_with = "duration")]
+    pub upstream_queue: Duration,
+    /// TCP keepalive probes on idle sockets, both sides, after this long ("0s": off).
+    #[serde(deserialize_with = "duration")]
+    pub tcp_keepalive: Duration,
 }
 
 impl Default for Timeouts {
@@ -212,6 +225,10 @@ impl Default for Timeouts {
             upstream_idle: Duration::from_secs(90),
             idle: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
+            body_idle: Duration::from_secs(30),
+            min_rate_grace: Duration::from_secs(10),
+            upstream_queue: Duration::from_secs(10),
+            tcp_keepalive: Duration::from_secs(60),
         }
     }
 }
@@ -224,8 +241,21 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Connections served at once; further ones wait in the kernel's accept queue.
     pub max_connections: usize,
-    /// Upstream connections open at once; further requests wait for one to come free.
+    /// Requests in the upstream's hands at once (from sending one to its response head);
+    /// further requests wait for a slot, first come first served.
     pub max_upstream_connections: usize,
+    /// Requests that may wait for an upstream slot; one more gets 503 at once.
+    pub max_upstream_waiting: usize,
+    /// Request bodies up to this size are read whole before an upstream slot is taken.
+    pub buffer_request_body: usize,
+    /// Response bodies up to this size are read whole before they are relayed, so their
+    /// upstream connection is free whatever the downstream does.
+    pub buffer_response_body: usize,
+    /// All response bodies buffered at once may hold at most this much; past it they stream.
+    pub buffer_memory: usize,
+    /// Bytes per second a streamed body must average after `timeouts.min_rate_grace` ("0": no
+    /// minimum).
+    pub min_body_rate: u64,
 }
 
 impl Default for Limits {
@@ -234,6 +264,11 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_connections: 10_000,
             max_upstream_connections: 64,
+            max_upstream_waiting: 1024,
+            buffer_request_body: 64 * 1024,
+            buffer_response_body: 64 * 1024,
+            buffer_memory: 64 * 1024 * 1024,
+            min_body_rate: 1024,
         }
     }
 }
@@ -341,6 +376,29 @@ impl Config {
         if self.limits.max_upstream_connections == 0 {
             return invalid("limits.max_upstream_connections", "must be greater than 0");
         }
+        let t = &self.timeouts;
+        // Zero would refuse every request, close every connection after one, or panic a
+        // timer; only the keepalive may be off.
+        for (key, value) in [
+            ("timeouts.request_header", t.request_header),
+            ("timeouts.request_body", t.request_body),
+            ("timeouts.upstream_connect", t.upstream_connect),
+            ("timeouts.upstream_response", t.upstream_response),
+            ("timeouts.upstream_idle", t.upstream_idle),
+            ("timeouts.idle", t.idle),
+            ("timeouts.body_idle", t.body_idle),
+            ("timeouts.upstream_queue", t.upstream_queue),
+        ] {
+            if value.is_zero() {
+                return invalid(key, "must be greater than 0s");
+            }
+        }
+        if self.limits.buffer_memory < self.limits.buffer_response_body {
+            return invalid(
+                "limits.buffer_memory",
+                "must be at least limits.buffer_response_body",
+            );
+        }
         // hyper refuses buffers under 8 KiB; say so here rather than panic at start.
         if self.limits.max_header_bytes < 8192 {
             return invalid("limits.max_header_bytes", "must be at least 8192");
@@ -391,19 +449,6 @@ impl Config {
         }
         if self.listen == self.admin {
             return invalid("admin", "must differ from listen");
-        }
-        for (timeout, key) in [
-            (self.timeouts.request_header, "timeouts.request_header"),
-            (self.timeouts.request_body, "timeouts.request_body"),
-            (self.timeouts.upstream_connect, "timeouts.upstream_connect"),
-            (
-                self.timeouts.upstream_response,
-                "timeouts.upstream_response",
-            ),
-        ] {
-            if timeout.is_zero() {
-                return invalid(key, "must be greater than 0");
-            }
         }
         Ok(())
     }

@@ -3,14 +3,26 @@
 //! hyper-util's protocol detection waits without limit for a connection's first bytes, and hyper
 //! keeps an HTTP/2 connection with no streams open for ever: either would let silent peers hold
 //! every connection slot. [`with_deadlines`] closes a connection whose first request has not
-//! started within `first`, or that has had no request in flight for `idle`.
+//! started within `first`, or that has had no request in flight for `idle`. And hyper polls a
+//! response body only when the downstream takes what was written, so a peer that stops reading
+//! (or an HTTP/2 stream whose window stays at 0) would hold its exchange for ever: the
+//! connection is also closed when its responses stop moving at the [`Pace`] of
+//! [`crate::lifetime`] while none of them waits on the upstream.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use crate::lifetime::{Pace, Stall};
 
 /// What a connection is doing, updated by its requests.
 #[derive(Debug)]
@@ -20,6 +32,18 @@ pub struct Activity {
     started: AtomicU64,
     /// When the connection last went idle, in milliseconds since `opened`.
     idle_since_ms: AtomicU64,
+    /// Response bodies being sent, and of those, how many wait for the upstream's data.
+    sending: AtomicUsize,
+    upstream_waits: AtomicUsize,
+    /// Since when responses have been sent without pause (ms since `opened`), how many bytes
+    /// since then, and when a response body was last taken by the downstream.
+    sending_since_ms: AtomicU64,
+    sent: AtomicU64,
+    taken_ms: AtomicU64,
+    /// Wakes the deadline watch when a response starts being sent.
+    responding: Notify,
+    /// Set when the connection is cut: its socket is reset when dropped.
+    reset: AtomicBool,
 }
 
 impl Activity {
@@ -29,6 +53,13 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             started: AtomicU64::new(0),
             idle_since_ms: AtomicU64::new(0),
+            sending: AtomicUsize::new(0),
+            upstream_waits: AtomicUsize::new(0),
+            sending_since_ms: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            taken_ms: AtomicU64::new(0),
+            responding: Notify::new(),
+            reset: AtomicBool::new(false),
         })
     }
 
@@ -36,7 +67,37 @@ impl Activity {
     pub fn begin(self: &Arc<Self>) -> InFlight {
         self.started.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(self.clone())
+        InFlight {
+            activity: self.clone(),
+            relay: None,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn at(&self, ms: &AtomicU64) -> Instant {
+        self.opened + Duration::from_millis(ms.load(Ordering::Acquire))
+    }
+
+    /// Whether the responses being sent keep `pace`, and when to look again; `None` while no
+    /// response is being sent. One that waits for the upstream (whose own pace is watched on
+    /// the body itself) is not the downstream's fault, but is looked at again within the idle
+    /// deadline, since it may be the downstream's the moment the upstream's data arrives.
+    fn sending_pace(&self, pace: &Pace) -> Option<(Result<(), Stall>, Instant)> {
+        if self.sending.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let (since, taken) = (self.at(&self.sending_since_ms), self.at(&self.taken_ms));
+        let sent = self.sent.load(Ordering::Acquire);
+        let next = pace.next_check(since, taken, sent);
+        if self.upstream_waits.load(Ordering::Acquire) > 0 {
+            // Not more often than once a second while it waits.
+            let soonest = Instant::now() + pace.idle.min(Duration::from_secs(1));
+            return Some((Ok(()), next.max(soonest)));
+        }
+        Some((pace.check(since, taken, sent, Instant::now()), next))
     }
 
     /// The instant the connection went idle, or `None` while a request is in flight.
@@ -48,43 +109,240 @@ impl Activity {
     }
 }
 
-/// A request in flight on a connection.
+/// A request in flight on a connection; once its response is being sent, the sending of it.
 #[derive(Debug)]
-pub struct InFlight(Arc<Activity>);
+pub struct InFlight {
+    activity: Arc<Activity>,
+    /// Set once the response is being sent.
+    relay: Option<Arc<Relay>>,
+}
+
+/// Whether a response being sent waits for the upstream or for the downstream.
+///
+/// The response body is polled with this as its waker: once it has said it waits for the
+/// upstream's data, the upstream's wake-up is what says the data is there, and from then on a
+/// body that is not polled again is the downstream's doing (hyper polls a body only when it
+/// can write more of it).
+#[derive(Debug)]
+struct Relay {
+    activity: Arc<Activity>,
+    waiting: AtomicBool,
+    /// The connection's own waker, passed on.
+    downstream: Mutex<Option<Waker>>,
+}
+
+impl Relay {
+    fn stop_waiting(&self) {
+        if self.waiting.swap(false, Ordering::AcqRel) {
+            self.activity.upstream_waits.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Wake for Relay {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.stop_waiting();
+        let downstream = self
+            .downstream
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(waker) = downstream.as_ref() {
+            waker.wake_by_ref();
+        }
+    }
+}
+
+impl InFlight {
+    /// The response body is handed to the connection: from now on it must keep moving.
+    pub fn responding(&mut self) {
+        if self.relay.is_some() {
+            return;
+        }
+        let a = &self.activity;
+        if a.sending.fetch_add(1, Ordering::AcqRel) == 0 {
+            let now = a.now_ms();
+            a.sent.store(0, Ordering::Release);
+            a.sending_since_ms.store(now, Ordering::Release);
+            a.taken_ms.store(now, Ordering::Release);
+            a.responding.notify_one();
+        }
+        self.relay = Some(Arc::new(Relay {
+            activity: a.clone(),
+            waiting: AtomicBool::new(false),
+            downstream: Mutex::new(None),
+        }));
+    }
+
+    /// The downstream took (or is ready to take) more of the response: it polled the body,
+    /// waking with `waker`. Returns the waker to poll the upstream side with.
+    pub fn taken(&mut self, waker: &Waker) -> Option<Waker> {
+        let a = &self.activity;
+        a.taken_ms.store(a.now_ms(), Ordering::Release);
+        let relay = self.relay.as_ref()?;
+        relay.stop_waiting();
+        let mut downstream = relay
+            .downstream
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match downstream.as_mut() {
+            Some(known) if known.will_wake(waker) => {}
+            _ => *downstream = Some(waker.clone()),
+        }
+        drop(downstream);
+        Some(Waker::from(relay.clone()))
+    }
+
+    /// The response waits for the upstream's data, not for the downstream.
+    pub fn waiting_upstream(&self) {
+        if let Some(relay) = &self.relay {
+            if !relay.waiting.swap(true, Ordering::AcqRel) {
+                self.activity.upstream_waits.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// `n` bytes of the response were handed to the connection.
+    pub fn sent(&self, n: usize) {
+        self.activity.sent.fetch_add(n as u64, Ordering::AcqRel);
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let activity = &self.0;
-        let now = u64::try_from(activity.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
-        activity.idle_since_ms.store(now, Ordering::Release);
+        let activity = &self.activity;
+        if let Some(relay) = self.relay.take() {
+            relay.stop_waiting();
+            activity.sending.fetch_sub(1, Ordering::AcqRel);
+        }
+        activity
+            .idle_since_ms
+            .store(activity.now_ms(), Ordering::Release);
         activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
+/// A downstream socket that is reset (RST, `SO_LINGER` 0) instead of closed when its connection
+/// was cut, so that a peer that stopped reading does not keep its unsent data in the kernel.
+pub struct Socket {
+    stream: TcpStream,
+    activity: Arc<Activity>,
+}
+
+impl Socket {
+    pub fn new(stream: TcpStream, activity: Arc<Activity>) -> Self {
+        Self { stream, activity }
+    }
+}
+
+impl Drop for Socket {
+    fn drop(&mut self) {
+        if self.activity.reset.load(Ordering::Acquire) {
+            let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+        }
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// Why a connection was closed by its deadlines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// No request in flight for too long (or none started at all).
+    Idle,
+    /// Its responses stopped moving, or moved too slowly, on the downstream's side.
+    Sending(Stall),
+}
+
+impl Closed {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Idle => "idle",
+            Self::Sending(Stall::Idle(_)) => "send_idle",
+            Self::Sending(Stall::TooSlow(_)) => "send_too_slow",
+        }
+    }
+}
+
 /// Drives `conn` to its end, unless it sits idle past a deadline: `first` until its first
-/// request starts, `idle` afterwards. `None` means the connection was closed for idling.
+/// request starts, `idle` afterwards; or its responses stop keeping `pace` on the downstream's
+/// side.
 pub async fn with_deadlines<F: Future>(
     conn: F,
     activity: &Activity,
     first: Duration,
     idle: Duration,
-) -> Option<F::Output> {
+    pace: Pace,
+) -> Result<F::Output, Closed> {
     tokio::pin!(conn);
-    loop {
-        let limit = if activity.started.load(Ordering::Relaxed) == 0 {
+    let limit = || {
+        if activity.started.load(Ordering::Relaxed) == 0 {
             first
         } else {
             idle
-        };
-        let deadline = activity
+        }
+    };
+    loop {
+        let mut deadline = activity
             .idle_since()
-            .map_or_else(|| Instant::now() + idle, |t| t + limit);
+            .map_or_else(|| Instant::now() + idle, |t| t + limit());
+        if let Some((_, next)) = activity.sending_pace(&pace) {
+            deadline = deadline.min(next);
+        }
         tokio::select! {
-            out = &mut conn => return Some(out),
+            out = &mut conn => return Ok(out),
+            // A response started: its pace sets the next deadline.
+            () = activity.responding.notified() => {}
             () = tokio::time::sleep_until(deadline) => {
-                let limit = if activity.started.load(Ordering::Relaxed) == 0 { first } else { idle };
-                if activity.idle_since().is_some_and(|t| t + limit <= Instant::now()) {
-                    return None;
+                if activity.idle_since().is_some_and(|t| t + limit() <= Instant::now()) {
+                    return Err(Closed::Idle);
+                }
+                if let Some((Err(stall), _)) = activity.sending_pace(&pace) {
+                    // Reset rather than closed: what the peer did not read is dropped at once
+                    // instead of waiting in the kernel for it.
+                    activity.reset.store(true, Ordering::Release);
+                    return Err(Closed::Sending(stall));
                 }
             }
         }
@@ -95,6 +353,12 @@ pub async fn with_deadlines<F: Future>(
 mod tests {
     use super::*;
 
+    const PACE: Pace = Pace {
+        idle: Duration::from_secs(30),
+        min_rate: 1000,
+        grace: Duration::from_secs(10),
+    };
+
     #[tokio::test(start_paused = true)]
     async fn a_connection_that_never_starts_a_request_is_closed_after_first() {
         let activity = Activity::new();
@@ -103,9 +367,10 @@ mod tests {
             &activity,
             Duration::from_secs(10),
             Duration::from_secs(60),
+            PACE,
         );
         let started = Instant::now();
-        assert!(closed.await.is_none());
+        assert_eq!(closed.await, Err(Closed::Idle));
         assert_eq!(started.elapsed().as_secs(), 10);
     }
 
@@ -119,13 +384,14 @@ mod tests {
             &activity,
             Duration::from_secs(1),
             Duration::from_secs(5),
+            PACE,
         );
         let end = async {
             tokio::time::sleep(Duration::from_secs(30)).await;
             drop(request);
         };
         let (closed, ()) = tokio::join!(watch, end);
-        assert!(closed.is_none());
+        assert_eq!(closed, Err(Closed::Idle));
         assert_eq!(
             started.elapsed().as_secs(),
             35,
@@ -145,10 +411,82 @@ mod tests {
                 conn,
                 &activity,
                 Duration::from_secs(10),
-                Duration::from_secs(60)
+                Duration::from_secs(60),
+                PACE,
             )
             .await,
-            Some(7)
+            Ok(7)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_the_downstream_stops_taking_closes_the_connection() {
+        let activity = Activity::new();
+        let mut response = activity.begin();
+        response.responding();
+        response.sent(4096);
+        let started = Instant::now();
+        let closed = with_deadlines(
+            std::future::pending::<()>(),
+            &activity,
+            Duration::from_secs(1),
+            Duration::from_secs(300),
+            Pace {
+                min_rate: 0,
+                ..PACE
+            },
+        )
+        .await;
+        assert_eq!(closed, Err(Closed::Sending(Stall::Idle(PACE.idle))));
+        assert_eq!(started.elapsed(), PACE.idle);
+        drop(response);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_waiting_on_the_upstream_is_not_the_downstream_s_fault() {
+        let activity = Activity::new();
+        let mut response = activity.begin();
+        response.responding();
+        response.waiting_upstream();
+        let watch = with_deadlines(
+            std::future::pending::<()>(),
+            &activity,
+            Duration::from_secs(1),
+            Duration::from_secs(300),
+            PACE,
+        );
+        let outcome = tokio::time::timeout(Duration::from_secs(200), watch).await;
+        assert!(outcome.is_err(), "still open after 200 s: {outcome:?}");
+        response.taken(Waker::noop());
+        drop(response);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_reader_is_cut_by_the_minimum_rate() {
+        let activity = Activity::new();
+        let mut response = activity.begin();
+        response.responding();
+        let reader = async {
+            // 100 bytes a second against a minimum of 1000.
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                response.taken(Waker::noop());
+                response.sent(100);
+            }
+        };
+        let started = Instant::now();
+        let watch = with_deadlines(
+            std::future::pending::<()>(),
+            &activity,
+            Duration::from_secs(1),
+            Duration::from_secs(300),
+            PACE,
+        );
+        let closed = tokio::select! {
+            closed = watch => closed,
+            () = reader => unreachable!(),
+        };
+        assert_eq!(closed, Err(Closed::Sending(Stall::TooSlow(1000))));
+        assert!(started.elapsed() <= PACE.grace + Duration::from_secs(1));
     }
 }

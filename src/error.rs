@@ -12,6 +12,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 
 use crate::body::ProxyBody;
 use crate::config::ErrorsConfig;
+use crate::lifetime::Stall;
 use crate::policy::Violation;
 use crate::route::ErrorStyle;
 use crate::upstream::BoxError;
@@ -24,9 +25,12 @@ pub enum Error {
     #[error("request body not received within {0:?}")]
     BodyTimeout(Duration),
     #[error("request body could not be read: {0}")]
-    BodyRead(#[source] hyper::Error),
+    BodyRead(#[source] BoxError),
     #[error("request body broke off while being forwarded: {0}")]
     DownstreamBody(#[source] hyper::Error),
+    /// A streamed request body stood still or crawled past its pace.
+    #[error("request body cut: {0}")]
+    BodyStalled(#[source] Stall),
     #[error("request target {0:?} cannot be forwarded")]
     BadTarget(String),
     #[error("method {0} is not proxied")]
@@ -37,6 +41,12 @@ pub enum Error {
     Upstream(#[source] hyper::Error),
     #[error("upstream sent no response within {0:?}")]
     UpstreamTimeout(Duration),
+    /// The upstream's response body failed, or stalled, while being read to be buffered.
+    #[error("upstream response body could not be read: {0}")]
+    UpstreamBody(#[source] BoxError),
+    /// Every upstream slot is taken and the queue for them is full (or was waited on too long).
+    #[error("no upstream slot: {0}")]
+    UpstreamBusy(&'static str),
 }
 
 impl Error {
@@ -49,13 +59,15 @@ impl Error {
                 }
                 _ => StatusCode::BAD_REQUEST,
             },
-            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::BodyTimeout(_) | Self::BodyStalled(_) => StatusCode::REQUEST_TIMEOUT,
             Self::BodyRead(_) | Self::DownstreamBody(_) | Self::BadTarget(_) => {
                 StatusCode::BAD_REQUEST
             }
             Self::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::UpstreamConnect(_) | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamBody(_) => StatusCode::BAD_GATEWAY,
+            Self::UpstreamBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -71,6 +83,9 @@ impl Error {
             Self::UpstreamConnect(_) => "connect",
             Self::Upstream(_) => "reset",
             Self::UpstreamTimeout(_) => "timeout",
+            Self::BodyStalled(stall) => stall.reason(),
+            Self::UpstreamBody(e) => Stall::find(e.as_ref()).map_or("reset", Stall::reason),
+            Self::UpstreamBusy(kind) => kind,
         }
     }
 
@@ -82,6 +97,7 @@ impl Error {
             Self::Policy(Violation::BodyTooLarge { .. })
                 | Self::BodyTimeout(_)
                 | Self::BodyRead(_)
+                | Self::BodyStalled(_)
                 | Self::DownstreamBody(_)
         )
     }
@@ -101,6 +117,11 @@ impl Error {
             Self::Method(m) => format!("The method {m} is not supported by this proxy."),
             Self::UpstreamConnect(_) | Self::Upstream(_) => {
                 "The block storage service could not be reached.".to_owned()
+            }
+            Self::BodyStalled(stall) => format!("The request body was cut: {stall}."),
+            Self::UpstreamBody(_) => "The block storage service could not be reached.".to_owned(),
+            Self::UpstreamBusy(_) => {
+                "The block storage service is busy; try again later.".to_owned()
             }
             Self::UpstreamTimeout(_) => {
                 "The block storage service did not respond in time.".to_owned()

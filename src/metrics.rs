@@ -43,6 +43,11 @@ struct KindLabels {
     kind: &'static str,
 }
 
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
@@ -65,7 +70,28 @@ pub struct Metrics {
     connections: Gauge,
     upstream_waiting: Gauge,
     reloads: Family<ResultLabels, Counter>,
+    cuts: Family<ReasonLabels, Counter>,
 }
+
+/// Every upstream error kind, exported at 0 from start-up so that `increase()` sees the first.
+pub const UPSTREAM_ERROR_KINDS: [&str; 7] = [
+    "connect",
+    "reset",
+    "timeout",
+    "queue_full",
+    "queue_timeout",
+    "body_idle",
+    "body_too_slow",
+];
+
+/// Every reason a peer is cut for, exported at 0 from start-up.
+pub const CUT_REASONS: [&str; 5] = [
+    "request_body_timeout",
+    "body_idle",
+    "body_too_slow",
+    "send_idle",
+    "send_too_slow",
+];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -80,6 +106,7 @@ impl Default for Metrics {
             connections: Gauge::default(),
             upstream_waiting: Gauge::default(),
             reloads: Family::default(),
+            cuts: Family::default(),
         };
         let mut m = metrics;
         let r = &mut m.registry;
@@ -105,8 +132,14 @@ impl Default for Metrics {
         );
         r.register(
             "snapguard_upstream_errors",
-            "Upstream failures, by kind: connect, reset, timeout",
+            "Upstream failures, by kind: connect, reset, timeout, queue_full, queue_timeout, \
+             body_idle, body_too_slow",
             m.upstream_errors.clone(),
+        );
+        r.register(
+            "snapguard_peers_cut",
+            "Exchanges and connections cut for breaking a deadline, by reason",
+            m.cuts.clone(),
         );
         r.register(
             "snapguard_connections_active",
@@ -115,7 +148,7 @@ impl Default for Metrics {
         );
         r.register(
             "snapguard_upstream_waiting",
-            "Requests waiting for an upstream connection (limits.max_upstream_connections reached)",
+            "Requests waiting for an upstream slot (limits.max_upstream_connections reached)",
             m.upstream_waiting.clone(),
         );
         r.register(
@@ -128,6 +161,16 @@ impl Default for Metrics {
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
+        // Every series an alert reads exists from the start, at 0.
+        for kind in UPSTREAM_ERROR_KINDS {
+            let _ = m.upstream_errors.get_or_create(&KindLabels { kind });
+        }
+        for reason in CUT_REASONS {
+            let _ = m.cuts.get_or_create(&ReasonLabels { reason });
+        }
+        for result in ["success", "failure"] {
+            let _ = m.reloads.get_or_create(&ResultLabels { result });
+        }
         m
     }
 }
@@ -184,6 +227,11 @@ impl Metrics {
     }
 
     /// The gauge of requests waiting for an upstream connection, kept by the upstream pool.
+    /// A peer cut for breaking a deadline.
+    pub fn cut(&self, reason: &'static str) {
+        self.cuts.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
     pub fn upstream_waiting(&self) -> Gauge {
         self.upstream_waiting.clone()
     }

@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::decide::{self, Head};
 use crate::error::Error;
 use crate::headers::{add_forwarded, strip_hop_by_hop, RequestIds, X_REQUEST_ID};
+use crate::lifetime::{Budget, Pace, Stall, Watched};
 use crate::metrics::Metrics;
 use crate::policy::{self, Verdict, Violation};
 use crate::route::{ErrorStyle, Route};
@@ -87,6 +88,8 @@ pub struct Proxy {
     runtime: ArcSwap<Runtime>,
     ids: RequestIds,
     metrics: Arc<Metrics>,
+    /// Response bytes buffered at once, across reloads.
+    budget: Budget,
 }
 
 impl Proxy {
@@ -95,6 +98,7 @@ impl Proxy {
             runtime: ArcSwap::from_pointee(runtime),
             ids: RequestIds::default(),
             metrics,
+            budget: Budget::default(),
         }
     }
 
@@ -137,17 +141,22 @@ impl Proxy {
             Head::Violation { route, .. } => Some(*route),
             Head::Passthrough | Head::Connect => None,
         };
+        let pace = Pace::of(&rt.config);
         let outcome = match head {
             Head::Connect => Outcome::refused(Error::Method(Method::CONNECT)),
             Head::Passthrough => {
                 let (parts, body) = req.into_parts();
-                let body = ProxyBody::stream(body);
-                self.forward(&cx, parts, body, Decision::Passthrough, None)
-                    .await
+                match self.buffer_request(&cx, body, pace).await {
+                    Ok(body) => {
+                        self.forward(&cx, parts, body, Decision::Passthrough, None)
+                            .await
+                    }
+                    Err(e) => Outcome::refused(e),
+                }
             }
             Head::Violation { violation, .. } => {
                 let (parts, body) = req.into_parts();
-                let body = ProxyBody::stream(body);
+                let body = ProxyBody::stream(body, pace);
                 self.violation(&cx, violation, parts, body).await
             }
             Head::Police { route, project } => {
@@ -155,14 +164,28 @@ impl Proxy {
             }
         };
 
-        let error = outcome.result.as_ref().err().map(Error::kind);
-        let (mut response, body) = match outcome.result {
+        // A small response is read whole first, so its upstream connection is free at once
+        // whatever the downstream does; a failure to read it is still the upstream's to answer.
+        let relayed = match outcome.result {
             Ok((response, lease)) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                let body = ProxyBody::stream(body).leasing(lease);
-                (Response::from_parts(parts, ()), body)
+                match self
+                    .buffer_response(&rt, body, lease, &progress, pace)
+                    .await
+                {
+                    Ok(body) => Ok((Response::from_parts(parts, ()), body)),
+                    Err(e) => {
+                        self.metrics.upstream_error(e.kind());
+                        Err(e)
+                    }
+                }
             }
+            Err(e) => Err(e),
+        };
+        let error = relayed.as_ref().err().map(Error::kind);
+        let (mut response, body) = match relayed {
+            Ok(relayed) => relayed,
             Err(e) => {
                 if e.status().is_server_error() {
                     tracing::warn!(error = %e, request_id = ?request_id, "upstream failure");
@@ -198,6 +221,73 @@ impl Proxy {
         response.map(|()| body.finishing(exchange))
     }
 
+    /// A passthrough request body up to `limits.buffer_request_body` is read whole (within
+    /// `timeouts.request_body`) before an upstream slot is taken, so a slow sender holds only its
+    /// own connection; it also reaches the upstream in one piece, whatever its framing was. A
+    /// larger body is streamed, held to its pace.
+    async fn buffer_request(
+        &self,
+        cx: &Context<'_>,
+        body: Incoming,
+        pace: Pace,
+    ) -> Result<ProxyBody, Error> {
+        let limit = cx.rt.config.limits.buffer_request_body;
+        let declared = body.size_hint().exact();
+        if body.is_end_stream() || declared.is_some_and(|n| n > limit as u64) {
+            return Ok(ProxyBody::stream(body, pace));
+        }
+        let timeout = cx.rt.config.timeouts.request_body;
+        let read = tokio::time::timeout(timeout, read_bounded(body, limit, Some(cx.progress)));
+        match read.await {
+            Err(_) => {
+                self.metrics.cut("request_body_timeout");
+                Err(Error::BodyTimeout(timeout))
+            }
+            Ok(Err(e)) => Err(Error::BodyRead(e.into())),
+            Ok(Ok(Read::Whole(bytes))) => Ok(ProxyBody::full(bytes)),
+            Ok(Ok(Read::TooLarge(prefix, rest))) => Ok(ProxyBody::prefixed(prefix, rest, pace)),
+        }
+    }
+
+    /// A response body up to `limits.buffer_response_body` (while `limits.buffer_memory`
+    /// allows) is read whole before it is relayed, and its connection goes back to the pool at
+    /// once; a larger one is streamed, its connection kept until it has been sent.
+    async fn buffer_response(
+        &self,
+        rt: &Runtime,
+        body: Incoming,
+        lease: Lease,
+        request: &Arc<Progress>,
+        pace: Pace,
+    ) -> Result<ProxyBody, Error> {
+        let limits = &rt.config.limits;
+        let declared = body.size_hint().exact();
+        let wanted = match declared {
+            _ if body.is_end_stream() => None,
+            Some(n) if n > limits.buffer_response_body as u64 => None,
+            Some(n) => Some(n as usize),
+            None => Some(limits.buffer_response_body),
+        };
+        let reservation = wanted.and_then(|n| self.budget.reserve(n, limits.buffer_memory));
+        let Some(mut reservation) = reservation else {
+            return Ok(ProxyBody::stream(body, pace).leasing(lease, request.clone()));
+        };
+        let read = read_bounded(Watched::new(body, pace), limits.buffer_response_body, None);
+        match read.await.map_err(Error::UpstreamBody)? {
+            Read::Whole(bytes) => {
+                reservation.shrink_to(bytes.len());
+                Ok(ProxyBody::full(bytes)
+                    .leasing(lease, request.clone())
+                    .budgeted(reservation))
+            }
+            // Unknown length, and more than fits: the rest streams after what was read.
+            Read::TooLarge(prefix, rest) => {
+                drop(reservation);
+                Ok(ProxyBody::prefixed_watched(prefix, rest).leasing(lease, request.clone()))
+            }
+        }
+    }
+
     /// Polices a request on `route`, then forwards what the policy allows.
     async fn police(
         &self,
@@ -212,17 +302,20 @@ impl Proxy {
         let limit = cx.rt.config.timeouts.request_body;
         let read = tokio::time::timeout(
             limit,
-            read_bounded(body, policy.max_body_bytes, cx.progress),
+            read_bounded(body, policy.max_body_bytes, Some(cx.progress)),
         )
         .await;
         let bytes = match read {
-            Err(_) => return Outcome::refused(Error::BodyTimeout(limit)),
-            Ok(Err(e)) => return Outcome::refused(Error::BodyRead(e)),
+            Err(_) => {
+                self.metrics.cut("request_body_timeout");
+                return Outcome::refused(Error::BodyTimeout(limit));
+            }
+            Ok(Err(e)) => return Outcome::refused(Error::BodyRead(e.into())),
             Ok(Ok(Read::TooLarge(prefix, rest))) => {
                 let v = Violation::BodyTooLarge {
                     limit: policy.max_body_bytes,
                 };
-                let body = ProxyBody::prefixed(prefix, rest);
+                let body = ProxyBody::prefixed(prefix, rest, Pace::of(&cx.rt.config));
                 return self.violation(cx, v, parts, body).await;
             }
             Ok(Ok(Read::Whole(bytes))) => bytes,
@@ -367,9 +460,14 @@ impl Proxy {
                 result = &mut response => break match result {
                     Ok(exchange) => Ok(exchange),
                     Err(SendError::Connect(e)) => Err(Error::UpstreamConnect(e)),
+                    Err(SendError::Busy(kind)) => Err(Error::UpstreamBusy(kind)),
                     // The request body broke off (the client went away, or sent a malformed
-                    // chunk) while being sent on: the downstream's fault.
-                    Err(SendError::Exchange(e)) if e.is_user() => Err(Error::DownstreamBody(e)),
+                    // chunk, or stalled past its pace) while being sent on: the downstream's
+                    // fault.
+                    Err(SendError::Exchange(e)) if e.is_user() => Err(match Stall::find(&e) {
+                        Some(stall) => Error::BodyStalled(stall),
+                        None => Error::DownstreamBody(e),
+                    }),
                     Err(SendError::Exchange(e)) => Err(Error::Upstream(e)),
                 },
                 () = tokio::time::sleep_until(deadline) => {
@@ -383,6 +481,7 @@ impl Proxy {
         match &result {
             Ok(_) => self.metrics.upstream(took),
             Err(Error::DownstreamBody(_)) => {}
+            Err(Error::BodyStalled(stall)) => self.metrics.cut(stall.reason()),
             Err(e) => self.metrics.upstream_error(e.kind()),
         }
         Outcome {
@@ -394,30 +493,47 @@ impl Proxy {
     }
 }
 
-/// A policed body, read up to its limit.
-enum Read {
+/// A body, read up to a limit.
+enum Read<B> {
     Whole(Bytes),
-    /// Over the limit: what was read, and the unread rest (for audit mode to forward).
-    TooLarge(Bytes, Incoming),
+    /// Over the limit: what was read, and the unread rest.
+    TooLarge(Bytes, B),
 }
 
-/// Reads `body` until it ends or exceeds `max` bytes, counting the bytes actually received.
-async fn read_bounded(
-    mut body: Incoming,
+/// Reads `body` until it ends or exceeds `max` bytes, counting the bytes actually received
+/// (when `progress` is given). A body that arrives in one frame is kept without a copy.
+async fn read_bounded<B>(
+    mut body: B,
     max: usize,
-    progress: &Progress,
-) -> Result<Read, hyper::Error> {
+    progress: Option<&Progress>,
+) -> Result<Read<B>, B::Error>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
+    let mut len = 0;
     while let Some(frame) = body.frame().await {
-        // Trailers of a policed body are dropped: it is re-framed with a Content-Length.
+        // Trailers of a buffered body are dropped: it is re-framed with a Content-Length.
         let Ok(data) = frame?.into_data() else {
             continue;
         };
-        progress.add_received(data.len());
-        buf.extend_from_slice(&data);
-        if buf.len() > max {
-            return Ok(Read::TooLarge(buf.freeze(), body));
+        if let Some(progress) = progress {
+            progress.add_received(data.len());
+        }
+        len += data.len();
+        match first.take() {
+            None if buf.is_empty() => first = Some(data),
+            Some(earlier) => {
+                buf.extend_from_slice(&earlier);
+                buf.extend_from_slice(&data);
+            }
+            None => buf.extend_from_slice(&data),
+        }
+        if len > max {
+            let read = first.take().unwrap_or_else(|| buf.split().freeze());
+            return Ok(Read::TooLarge(read, body));
         }
     }
-    Ok(Read::Whole(buf.freeze()))
+    Ok(Read::Whole(first.unwrap_or_else(|| buf.freeze())))
 }

@@ -21,8 +21,9 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::admin::{self, Readiness};
 use crate::config::{Config, ConfigError};
-use crate::conn::{self, Activity};
+use crate::conn::{self, Activity, Closed, Socket};
 use crate::headers;
+use crate::lifetime::Pace;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, Runtime};
 use crate::upstream::TlsError;
@@ -160,6 +161,7 @@ impl Server {
                 () = &mut shutdown => break,
             };
             let _ = stream.set_nodelay(true);
+            keepalive(&stream, proxy.runtime().config.timeouts.tcp_keepalive);
             // Header limits and timeouts follow reloads, for connections accepted after them.
             let current = proxy.runtime();
             if !Arc::ptr_eq(&current, &runtime) {
@@ -182,18 +184,24 @@ impl Server {
             };
             let conn = graceful.watch(
                 builder
-                    .serve_connection(TokioIo::new(stream), svc)
+                    .serve_connection(TokioIo::new(Socket::new(stream, activity.clone())), svc)
                     .into_owned(),
             );
             let timeouts = &runtime.config.timeouts;
             let (first, idle) = (timeouts.request_header, timeouts.idle);
+            let pace = Pace::of(&runtime.config);
+            let metrics = metrics.clone();
             tokio::spawn(async move {
-                match conn::with_deadlines(conn, &activity, first, idle).await {
-                    Some(Err(e)) => {
+                match conn::with_deadlines(conn, &activity, first, idle, pace).await {
+                    Ok(Err(e)) => {
                         tracing::debug!(error = %e, %peer, "connection ended with an error")
                     }
-                    Some(Ok(())) => {}
-                    None => tracing::debug!(%peer, "idle connection closed"),
+                    Ok(Ok(())) => {}
+                    Err(Closed::Idle) => tracing::debug!(%peer, "idle connection closed"),
+                    Err(closed) => {
+                        metrics.cut(closed.reason());
+                        tracing::info!(%peer, reason = closed.reason(), "connection cut: its responses stopped moving downstream");
+                    }
                 }
                 drop((permit, open));
             });
@@ -215,6 +223,20 @@ impl Server {
         }
         admin_task.abort();
         tracing::info!("snapguard stopped");
+    }
+}
+
+/// TCP keepalive probes after `idle` without traffic ("0s": off), so that a peer that vanished
+/// without a FIN or RST is noticed by the kernel.
+pub fn keepalive(stream: &tokio::net::TcpStream, idle: Duration) {
+    if idle.is_zero() {
+        return;
+    }
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(Duration::from_secs(10));
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&probes) {
+        tracing::debug!(error = %e, "could not set TCP keepalive");
     }
 }
 

@@ -50,11 +50,12 @@ async fn a_passthrough_body_is_streamed_not_buffered() {
         send_body(Version::HTTP_11, "POST", &url, &[], TestBody::Channel(rx)).await
     });
     let mut progress = upstream.progress.clone();
+    // Each chunk is larger than the 64 KiB that would be buffered.
     for i in 1..=8u64 {
-        tx.send(Bytes::from(vec![b'x'; 64 * 1024])).await.unwrap();
+        tx.send(Bytes::from(vec![b'x'; 96 * 1024])).await.unwrap();
         tokio::time::timeout(
             Duration::from_secs(10),
-            progress.wait_for(|n| *n >= i * 64 * 1024),
+            progress.wait_for(|n| *n >= i * 96 * 1024),
         )
         .await
         .expect("the upstream must receive each chunk before the body ends")
@@ -63,7 +64,56 @@ async fn a_passthrough_body_is_streamed_not_buffered() {
     drop(tx);
     let got = request.await.unwrap();
     assert_eq!(got.status, StatusCode::OK);
-    assert_eq!(upstream.only().body.len(), 8 * 64 * 1024);
+    assert_eq!(upstream.only().body.len(), 8 * 96 * 1024);
+}
+
+#[tokio::test]
+async fn a_small_passthrough_body_is_read_whole_and_sent_in_one_piece() {
+    // Trickled in one-byte chunks, it reaches the upstream reframed with a Content-Length.
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
+    let body = b"{\"volume\":{\"size\":1}}";
+    let mut request =
+        b"POST /v3/p1/volumes HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+            .to_vec();
+    for byte in body {
+        request.extend_from_slice(b"1\r\n");
+        request.push(*byte);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let response = raw(proxy.addr, &request, Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let seen = upstream.only();
+    assert_eq!(seen.body, &body[..]);
+    assert_eq!(
+        seen.headers["content-length"],
+        body.len().to_string().as_str()
+    );
+    assert!(!seen.headers.contains_key("transfer-encoding"));
+}
+
+#[tokio::test]
+async fn a_slow_small_passthrough_upload_never_reaches_the_upstream() {
+    // A body dripping slower than timeouts.request_body allows holds only its own connection:
+    // it is answered 408 without an upstream connection ever being opened.
+    let (upstream, proxy) = support::pair(Reply::Ok, FAST_TIMEOUTS).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"POST /v3/p1/volumes HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\nab")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    let _ =
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await;
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(response.contains("connection: close"), "{response}");
+    assert_eq!(upstream.accepted(), 0);
+    support::await_sample(
+        proxy.admin,
+        r#"snapguard_peers_cut_total{reason="request_body_timeout"}"#,
+        1.0,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -572,7 +622,9 @@ async fn the_http2_authority_is_the_downstream_host() {
 
 #[tokio::test]
 async fn the_upstream_deadline_starts_once_the_body_is_sent() {
-    let (upstream, proxy) = support::pair(Reply::Ok, FAST_TIMEOUTS).await;
+    // A streamed body: larger than what is buffered.
+    let toml = format!("{FAST_TIMEOUTS}\n[limits]\nbuffer_request_body = 16\n");
+    let (upstream, proxy) = support::pair(Reply::Ok, &toml).await;
     // A body trickled over 1.5 s, three times the 500 ms upstream deadline, but never idle
     // for as long as the deadline.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -608,7 +660,11 @@ async fn a_body_that_breaks_off_is_the_downstream_fault() {
     );
     let metrics = support::admin_get(proxy.admin, "/metrics").await;
     let text = String::from_utf8_lossy(&metrics.body);
-    assert!(!text.contains("snapguard_upstream_errors_total{"), "{text}");
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("snapguard_upstream_errors_total{") && !l.ends_with(" 0"))
+        .collect();
+    assert!(errors.is_empty(), "{text}");
 }
 
 // Upstream connections: kept alive, reused only when whole, closed when idle.
@@ -779,11 +835,114 @@ async fn upstream_connections_are_capped_and_requests_wait_for_one() {
     );
 }
 
+/// Timeouts for the upstream-slot tests: the queue is waited on for 300 ms at most.
+const QUEUE_TIMEOUTS: &str =
+    "[timeouts]\nupstream_response = \"3s\"\nupstream_queue = \"300ms\"\nshutdown_grace = \"5s\"\n";
+
 #[tokio::test]
-async fn a_request_waiting_for_a_connection_gets_504_when_none_comes_free() {
+async fn a_request_waiting_for_a_slot_gets_503_when_none_comes_free() {
+    let toml = format!("{QUEUE_TIMEOUTS}\n[limits]\nmax_upstream_connections = 1\n");
+    let (upstream, proxy) = support::pair(Reply::Silent, &toml).await;
+    // The first request holds the only slot: the upstream never answers it.
+    let url = proxy.url("/v3/p1/volumes");
+    let first = tokio::spawn(async move { send(Version::HTTP_11, "GET", &url, &[], "").await });
+    support::await_sample(proxy.admin, "snapguard_upstream_waiting", 0.0).await;
+    while upstream.seen().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let url = proxy.url(UPDATE);
+    let second = tokio::spawn(async move { send(Version::HTTP_11, "GET", &url, &[], "").await });
+    support::await_sample(proxy.admin, "snapguard_upstream_waiting", 1.0).await;
+    let second = second.await.unwrap();
+    assert_eq!(second.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(second.json()["serviceUnavailable"]["code"], 503);
+    support::await_sample(proxy.admin, "snapguard_upstream_waiting", 0.0).await;
+    support::await_sample(
+        proxy.admin,
+        r#"snapguard_upstream_errors_total{kind="queue_timeout"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        upstream.seen().len(),
+        1,
+        "the second never reached the upstream"
+    );
+    assert_eq!(first.await.unwrap().status, StatusCode::GATEWAY_TIMEOUT);
+}
+
+#[tokio::test]
+async fn a_full_queue_refuses_at_once() {
+    let toml = format!(
+        "{QUEUE_TIMEOUTS}\n[limits]\nmax_upstream_connections = 1\nmax_upstream_waiting = 1\n"
+    );
+    let (upstream, proxy) = support::pair(Reply::Silent, &toml).await;
+    let url = proxy.url("/v3/p1/volumes");
+    let first = {
+        let url = url.clone();
+        tokio::spawn(async move { send(Version::HTTP_11, "GET", &url, &[], "").await })
+    };
+    while upstream.seen().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let second = {
+        let url = url.clone();
+        tokio::spawn(async move { send(Version::HTTP_11, "GET", &url, &[], "").await })
+    };
+    support::await_sample(proxy.admin, "snapguard_upstream_waiting", 1.0).await;
+    let started = std::time::Instant::now();
+    let third = send(Version::HTTP_11, "GET", &url, &[], "").await;
+    assert_eq!(third.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        started.elapsed() < Duration::from_millis(250),
+        "refused at once, not after waiting"
+    );
+    support::await_sample(
+        proxy.admin,
+        r#"snapguard_upstream_errors_total{kind="queue_full"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        second.await.unwrap().status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(first.await.unwrap().status, StatusCode::GATEWAY_TIMEOUT);
+}
+
+#[tokio::test]
+async fn waiting_requests_are_served_first_come_first_served() {
+    let toml = "[timeouts]\nupstream_queue = \"5s\"\n[limits]\nmax_upstream_connections = 1\n";
+    let (upstream, proxy) = support::pair(Reply::Slow(Duration::from_millis(150)), toml).await;
+    let mut waiters = Vec::new();
+    for i in 0..4 {
+        let url = proxy.url(&format!("/v3/p1/volumes/v{i}"));
+        waiters.push(tokio::spawn(async move {
+            send(Version::HTTP_11, "GET", &url, &[], "").await
+        }));
+        // Each starts waiting before the next arrives.
+        support::await_sample(proxy.admin, "snapguard_upstream_waiting", f64::from(i)).await;
+    }
+    for waiter in waiters {
+        assert_eq!(waiter.await.unwrap().status, StatusCode::OK);
+    }
+    let order: Vec<String> = upstream.seen().iter().map(|s| s.target.clone()).collect();
+    assert_eq!(
+        order,
+        [
+            "/v3/p1/volumes/v0",
+            "/v3/p1/volumes/v1",
+            "/v3/p1/volumes/v2",
+            "/v3/p1/volumes/v3"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_reader_that_stops_holds_no_upstream_slot() {
     let toml = format!("{FAST_TIMEOUTS}\n[limits]\nmax_upstream_connections = 1\n");
-    let (upstream, proxy) = support::pair(Reply::Large(64 * MIB), &toml).await;
-    // The first request holds the only connection while its client reads nothing more.
+    let (_upstream, proxy) = support::pair(Reply::Large(64 * MIB), &toml).await;
+    // The first response streams to a client that reads nothing more than its head.
     let mut first = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     first
         .write_all(b"GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -792,24 +951,133 @@ async fn a_request_waiting_for_a_connection_gets_504_when_none_comes_free() {
     let mut head = [0u8; 1024];
     let n = first.read(&mut head).await.unwrap();
     assert!(head[..n].starts_with(b"HTTP/1.1 200"));
-
-    let url = proxy.url(UPDATE);
-    let second = tokio::spawn(async move { send(Version::HTTP_11, "GET", &url, &[], "").await });
-    support::await_sample(proxy.admin, "snapguard_upstream_waiting", 1.0).await;
-    let second = second.await.unwrap();
-    assert_eq!(second.status, StatusCode::GATEWAY_TIMEOUT);
-    support::await_sample(proxy.admin, "snapguard_upstream_waiting", 0.0).await;
-    assert_eq!(second.json()["computeFault"]["code"], 504);
-    assert_eq!(
-        upstream.seen().len(),
-        1,
-        "the second never reached the upstream"
-    );
-    assert_eq!(upstream.accepted(), 1);
-
-    // Once the first is gone, its slot serves again.
+    // Its slot was given back with the response head: the next request is served at once.
+    let second = send(Version::HTTP_11, "GET", &proxy.url(UPDATE), &[], "").await;
+    assert_eq!(second.status, StatusCode::OK);
+    support::assert_pattern(&second.body, 64 * MIB);
     drop(first);
-    let third = send(Version::HTTP_11, "GET", &proxy.url(UPDATE), &[], "").await;
-    assert_eq!(third.status, StatusCode::OK);
-    support::assert_pattern(&third.body, 64 * MIB);
+}
+
+// Deadlines on bodies: what bounds a request's life once its head has arrived.
+
+/// A short body deadline, no minimum rate: the idle deadline alone is under test.
+const BODY_IDLE: &str =
+    "[timeouts]\nbody_idle = \"400ms\"\nshutdown_grace = \"5s\"\n[limits]\nmin_body_rate = 0\n";
+
+#[tokio::test]
+async fn a_small_response_that_stalls_upstream_gets_502_before_any_of_it_is_relayed() {
+    let (_upstream, proxy) = support::pair(Reply::Stalls(1000), BODY_IDLE).await;
+    let got = send(
+        Version::HTTP_11,
+        "GET",
+        &proxy.url("/v3/p1/volumes"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(got.json()["computeFault"]["code"], 502);
+    support::await_sample(
+        proxy.admin,
+        r#"snapguard_upstream_errors_total{kind="body_idle"}"#,
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_streamed_response_that_stalls_upstream_is_cut() {
+    let (_upstream, proxy) = support::pair(Reply::Stalls(256 * 1024), BODY_IDLE).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut received));
+    assert!(read.await.is_ok(), "the connection was not cut");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert!(received.starts_with(b"HTTP/1.1 200"));
+    assert!(
+        received.len() < 256 * 1024 + 1024,
+        "the body cannot have ended"
+    );
+}
+
+#[tokio::test]
+async fn a_reader_that_stops_is_cut_after_body_idle() {
+    let (_upstream, proxy) = support::pair(Reply::Large(256 * MIB), BODY_IDLE).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 1024];
+    let n = stream.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    // Read nothing more: the send buffers fill, the body stops moving, the connection is cut.
+    support::await_sample(
+        proxy.admin,
+        r#"snapguard_peers_cut_total{reason="send_idle"}"#,
+        1.0,
+    )
+    .await;
+    support::await_sample(proxy.admin, "snapguard_connections_active", 0.0).await;
+}
+
+#[tokio::test]
+async fn a_slow_reader_is_cut_by_the_minimum_rate() {
+    let toml = "[timeouts]\nmin_rate_grace = \"500ms\"\nshutdown_grace = \"5s\"\n[limits]\nmin_body_rate = 1000000\n";
+    let (_upstream, proxy) = support::pair(Reply::Large(256 * MIB), toml).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // 4 KiB every 50 ms: about 80 KB/s against a minimum of 1 MB/s.
+    let mut buf = [0u8; 4096];
+    let reader = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    };
+    // Cut by a reset: what it had not read yet is not delivered.
+    tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("the slow reader was not cut");
+    support::await_sample(
+        proxy.admin,
+        r#"snapguard_peers_cut_total{reason="send_too_slow"}"#,
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_streamed_upload_that_stops_gets_408() {
+    let toml = "[timeouts]\nbody_idle = \"400ms\"\nshutdown_grace = \"5s\"\n[limits]\nmin_body_rate = 0\nbuffer_request_body = 16\n";
+    let (_upstream, proxy) = support::pair(Reply::Ok, toml).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"POST /v3/p1/volumes HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789012345678901234567890123456789")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    let _ =
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await;
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    support::await_sample(
+        proxy.admin,
+        r#"snapguard_peers_cut_total{reason="body_idle"}"#,
+        1.0,
+    )
+    .await;
 }

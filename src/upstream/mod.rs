@@ -1,6 +1,14 @@
 //! The upstream client: keep-alive HTTP/1.1 connections to the one upstream, over TCP or
 //! rustls, kept in a lock-free idle [`pool`].
 //!
+//! `limits.max_upstream_connections` bounds the requests in the upstream's hands at once: a
+//! request holds a slot from the moment it is sent until its response head arrives (the part of
+//! an exchange that costs the upstream work). Slots are handed out first come, first served;
+//! at most `limits.max_upstream_waiting` requests wait, each for at most
+//! `timeouts.upstream_queue`, and one more gets 503 at once. A response that streams on to a
+//! slow reader keeps its connection but not its slot, so slow readers cannot starve everyone
+//! else; they are bounded by the body deadlines ([`crate::lifetime`]) instead.
+//!
 //! hyper's own connection type does the HTTP; hyper-util's connector does DNS, connect timeout
 //! and TCP_NODELAY, and hyper-rustls the TLS. What hyper-util's general-purpose pooled client
 //! added on top (a locked map of pools keyed by host, a spawned task per request to watch for
@@ -12,6 +20,7 @@
 
 mod pool;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
@@ -23,7 +32,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use prometheus_client::metrics::gauge::Gauge;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tower_service::Service;
 
 pub use self::pool::Lease;
@@ -60,6 +69,10 @@ pub enum SendError {
     /// ([`hyper::Error::is_user`]).
     #[error("{0}")]
     Exchange(#[source] hyper::Error),
+    /// No slot: the queue for one was full (`queue_full`) or waited on too long
+    /// (`queue_timeout`).
+    #[error("{0}")]
+    Busy(&'static str),
 }
 
 pub struct Upstream {
@@ -68,8 +81,14 @@ pub struct Upstream {
     base: Uri,
     handshake: http1::Builder,
     pool: Arc<Pool>,
-    /// One permit per open connection, held by its driver task: `max_upstream_connections`.
-    slots: Arc<Semaphore>,
+    /// One permit per request in the upstream's hands: `max_upstream_connections`. tokio's
+    /// semaphore is fair, so waiters are served in order.
+    slots: Semaphore,
+    /// Requests waiting for a slot, bounded by `max_waiting`.
+    waiting: AtomicUsize,
+    max_waiting: usize,
+    queue_timeout: Duration,
+    waiting_gauge: Gauge,
     idle_timeout: Duration,
     /// Starts the pool's reaper with the first connection (a runtime is needed to spawn it,
     /// and a pool with no connection has nothing to reap).
@@ -84,6 +103,8 @@ impl Upstream {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.timeouts.upstream_connect));
+        let keepalive = config.timeouts.tcp_keepalive;
+        http.set_keepalive((!keepalive.is_zero()).then_some(keepalive));
 
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -106,20 +127,26 @@ impl Upstream {
             connector,
             base,
             handshake: http1::Builder::new(),
-            // Room for every connection the limit allows.
-            pool: Pool::new(config.limits.max_upstream_connections, waiting),
-            slots: Arc::new(Semaphore::new(config.limits.max_upstream_connections)),
+            // Idle connections for as many requests as may be in the upstream's hands at once.
+            pool: Pool::new(config.limits.max_upstream_connections),
+            slots: Semaphore::new(config.limits.max_upstream_connections),
+            waiting: AtomicUsize::new(0),
+            max_waiting: config.limits.max_upstream_waiting,
+            queue_timeout: config.timeouts.upstream_queue,
+            waiting_gauge: waiting,
             idle_timeout: config.timeouts.upstream_idle,
             reaper: Once::new(),
         })
     }
 
-    /// Sends `req` (in origin form) on a pooled or new connection. The lease must go with the
-    /// response body and be released when that body has been read whole.
+    /// Sends `req` (in origin form) on a pooled or new connection, once a slot is free. The
+    /// lease must go with the response body and be released when that body has been read whole.
     pub async fn send(
         &self,
         mut req: Request<ProxyBody>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
+        // Held until the response head has arrived.
+        let _slot = self.slot().await?;
         // Pooled connections that turn out closed are skipped; a request that never left
         // one is tried again, a bounded number of times.
         let mut retries = 3;
@@ -127,7 +154,7 @@ impl Upstream {
             let (mut conn, reused) = match self.pool.take() {
                 Some(conn) => (conn, true),
                 // Boxed: rare, and its future would make every request's larger.
-                None => Box::pin(self.checkout()).await?,
+                None => (Box::pin(self.connect()).await?, false),
             };
             // A pooled connection may still be settling its last exchange; one the upstream
             // has closed fails here, before anything is sent.
@@ -154,33 +181,31 @@ impl Upstream {
         }
     }
 
-    /// A new connection when the limit allows one; else the first one returned to the pool or
-    /// the first slot freed, whichever comes first. `true` for a connection that was pooled.
-    async fn checkout(&self) -> Result<(Sender, bool), SendError> {
-        loop {
-            let slot = match self.slots.clone().try_acquire_owned() {
-                Ok(slot) => slot,
-                Err(_) => {
-                    let freed = self.slots.clone().acquire_owned();
-                    tokio::select! {
-                        conn = self.pool.released() => match conn {
-                            Some(conn) => return Ok((conn, true)),
-                            None => continue,
-                        },
-                        slot = freed => match slot {
-                            Ok(slot) => slot,
-                            // Only a closed semaphore fails, and this one is never closed.
-                            Err(_) => continue,
-                        },
-                    }
-                }
-            };
-            return Ok((self.connect(slot).await?, false));
+    /// A slot for one request: at once when one is free and nobody waits, else in turn
+    /// behind the requests already waiting, within the queue's bounds.
+    async fn slot(&self) -> Result<SemaphorePermit<'_>, SendError> {
+        if let Ok(permit) = self.slots.try_acquire() {
+            // Never ahead of a waiter: tokio hands a freed permit to the first waiter, so a
+            // free one means the queue is empty.
+            return Ok(permit);
+        }
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(SendError::Busy("queue_full"));
+        }
+        self.waiting_gauge.inc();
+        let acquired = tokio::time::timeout(self.queue_timeout, self.slots.acquire()).await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.waiting_gauge.dec();
+        match acquired {
+            Ok(Ok(permit)) => Ok(permit),
+            // Only a closed semaphore fails, and this one is never closed.
+            Ok(Err(_)) | Err(_) => Err(SendError::Busy("queue_timeout")),
         }
     }
 
-    /// Opens a connection, which holds `slot` until it closes.
-    async fn connect(&self, slot: OwnedSemaphorePermit) -> Result<Sender, SendError> {
+    /// Opens a connection.
+    async fn connect(&self) -> Result<Sender, SendError> {
         let io = self
             .connector
             .clone()
@@ -194,7 +219,6 @@ impl Upstream {
             .map_err(|e| SendError::Connect(e.into()))?;
         // The connection runs until the upstream closes it or its sender is dropped.
         tokio::spawn(async move {
-            let _slot = slot;
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
             }

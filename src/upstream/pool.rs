@@ -11,14 +11,12 @@
 //! least recently used connections as the queue never fell below during that time: those the
 //! traffic did not need.
 
-use std::sync::atomic::{fence, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 use hyper::client::conn::http1::SendRequest;
-use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::Notify;
 
 use crate::body::ProxyBody;
 
@@ -28,22 +26,14 @@ pub struct Pool {
     idle: ArrayQueue<Sender>,
     /// The fewest connections the queue has held since the last reaping.
     low_water: AtomicUsize,
-    /// Requests waiting for a connection to come free, and how they are woken.
-    waiting: AtomicUsize,
-    released: Notify,
-    /// The same count, for the metrics (shared with the pools of earlier configurations).
-    waiting_gauge: Gauge,
 }
 
 impl Pool {
     /// A pool keeping at most `capacity` idle connections; more are closed after their use.
-    pub fn new(capacity: usize, waiting_gauge: Gauge) -> Arc<Self> {
+    pub fn new(capacity: usize) -> Arc<Self> {
         Arc::new(Self {
             idle: ArrayQueue::new(capacity.max(1)),
             low_water: AtomicUsize::new(0),
-            waiting: AtomicUsize::new(0),
-            released: Notify::new(),
-            waiting_gauge,
         })
     }
 
@@ -58,29 +48,7 @@ impl Pool {
         if !conn.is_closed() {
             // A full queue refuses it, and dropping it closes it.
             let _ = self.idle.push(conn);
-            // Pairs with the fence in `released`: either this sees the waiter, or the waiter
-            // sees this connection.
-            fence(Ordering::SeqCst);
-            if self.waiting.load(Ordering::SeqCst) > 0 {
-                self.released.notify_one();
-            }
         }
-    }
-
-    /// Waits until a connection is returned, and takes it (or `None` if another waiter was
-    /// quicker). The caller also waits for a connection slot, whichever comes first.
-    pub async fn released(&self) -> Option<Sender> {
-        let _waiting = Waiting::new(&self.waiting, &self.waiting_gauge);
-        let released = self.released.notified();
-        tokio::pin!(released);
-        // Registered before looking, so that a connection returned in between still wakes it.
-        released.as_mut().enable();
-        fence(Ordering::SeqCst);
-        if let Some(conn) = self.take() {
-            return Some(conn);
-        }
-        released.await;
-        self.take()
     }
 
     /// Lends `conn` to one exchange.
@@ -113,24 +81,6 @@ impl Pool {
                 None => return,
             }
         }
-    }
-}
-
-/// Counts a waiting request for as long as it waits.
-struct Waiting<'a>(&'a AtomicUsize, &'a Gauge);
-
-impl<'a> Waiting<'a> {
-    fn new(count: &'a AtomicUsize, gauge: &'a Gauge) -> Self {
-        count.fetch_add(1, Ordering::SeqCst);
-        gauge.inc();
-        Self(count, gauge)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-        self.1.dec();
     }
 }
 
@@ -177,7 +127,7 @@ mod tests {
 
     #[tokio::test]
     async fn reaping_closes_the_connections_the_traffic_did_not_need() {
-        let pool = Pool::new(8, Gauge::default());
+        let pool = Pool::new(8);
         for _ in 0..5 {
             pool.put(conn().await);
         }
@@ -196,7 +146,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unreleased_lease_is_not_pooled_and_a_full_pool_refuses_more() {
-        let pool = Pool::new(1, Gauge::default());
+        let pool = Pool::new(1);
         drop(pool.lease(conn().await));
         assert!(pool.take().is_none());
 
@@ -207,7 +157,7 @@ mod tests {
 
     #[tokio::test]
     async fn closed_connections_are_skipped() {
-        let pool = Pool::new(4, Gauge::default());
+        let pool = Pool::new(4);
         let (ours, theirs) = tokio::io::duplex(1024);
         let (sender, connection) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(ours))

@@ -50,6 +50,9 @@ pub enum Reply {
     Large(u64),
     /// 200 after the given delay.
     Slow(Duration),
+    /// 200 with `n` bytes of [`pattern`] (of a body with no declared length), then nothing
+    /// more, ever.
+    Stalls(u64),
     /// 200 with these extra response headers.
     WithHeaders(Vec<(&'static str, &'static str)>),
 }
@@ -204,6 +207,7 @@ async fn handle(
             json(StatusCode::OK, OK_BODY)
         }
         Reply::Large(n) => Response::new(TestBody::pattern(n)),
+        Reply::Stalls(n) => Response::new(TestBody::Stall { sent: 0, total: n }),
         Reply::Slow(delay) => {
             tokio::time::sleep(delay).await;
             json(StatusCode::OK, OK_BODY)
@@ -244,8 +248,16 @@ pub fn assert_pattern(body: &[u8], n: u64) {
 /// A body for tests: fixed bytes, a generated pattern, or chunks fed through a channel.
 pub enum TestBody {
     Full(Option<Bytes>),
-    Pattern { sent: u64, total: u64 },
+    Pattern {
+        sent: u64,
+        total: u64,
+    },
     Channel(tokio::sync::mpsc::Receiver<Bytes>),
+    /// A pattern of `total` bytes, then a body that never moves again.
+    Stall {
+        sent: u64,
+        total: u64,
+    },
 }
 
 impl TestBody {
@@ -277,6 +289,15 @@ impl Body for TestBody {
                 Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
             }
             TestBody::Channel(rx) => rx.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b)))),
+            TestBody::Stall { sent, total } => {
+                if *sent >= *total {
+                    return Poll::Pending;
+                }
+                let n = (*total - *sent).min(64 * 1024);
+                let chunk: Vec<u8> = (*sent..*sent + n).map(pattern_byte).collect();
+                *sent += n;
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
+            }
         }
     }
 
@@ -284,7 +305,7 @@ impl Body for TestBody {
         match self {
             TestBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             TestBody::Pattern { sent, total } => SizeHint::with_exact(total - sent),
-            TestBody::Channel(_) => SizeHint::default(),
+            TestBody::Channel(_) | TestBody::Stall { .. } => SizeHint::default(),
         }
     }
 }
