@@ -48,7 +48,8 @@ impl Report<'_> {
         self.route.map_or(ErrorStyle::Openstack, |r| r.error_style)
     }
 
-    /// The human- and grep-friendly report printed by `snapguard check`.
+    /// The labelled, grep-friendly report `snapguard check` prints on stderr: decision, route,
+    /// and the rule, field and status of a violation. The body itself is [`Report::body`].
     pub fn render(&self, config: &Config) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "decision: {}", self.decision.as_str());
@@ -60,28 +61,43 @@ impl Report<'_> {
             }
         }
         if let Some(error) = self.error() {
-            let document = error.document(self.style(), &config.errors);
             if self.decision == Decision::Rejected {
                 let _ = writeln!(out, "status: {}", error.status().as_u16());
-                let _ = writeln!(out, "response body: {document}");
             } else if self.decision == Decision::Exempt {
                 let _ = writeln!(out, "allowed: the project is exempt from this rule");
             } else {
-                let _ = writeln!(out, "would be refused in enforce mode with: {document}");
+                let document = error.document(self.style(), &config.errors);
+                let _ = writeln!(
+                    out,
+                    "would be refused in enforce mode with: {} {document}",
+                    error.status().as_u16()
+                );
             }
         }
-        if let Some(body) = &self.forwarded {
-            let _ = writeln!(out, "forwarded body: {}", String::from_utf8_lossy(body));
-        }
         out
+    }
+
+    /// What `snapguard check` prints on stdout: the body the upstream would receive, byte for
+    /// byte, or, when refused, the error body the downstream would get.
+    pub fn body(&self, config: &Config) -> Vec<u8> {
+        match (self.refusal(), &self.forwarded) {
+            (Some(error), _) => error.document(self.style(), &config.errors).into_bytes(),
+            (None, Some(body)) => body.clone(),
+            (None, None) => Vec::new(),
+        }
+    }
+
+    /// The error the downstream gets, when the request is refused.
+    fn refusal(&self) -> Option<Error> {
+        (self.decision == Decision::Rejected)
+            .then(|| self.error())
+            .flatten()
     }
 
     /// The verdict as one JSON object: decision, route, rule, field, status (when refused) and
     /// body (the forwarded body, or the error body when refused).
     pub fn to_json(&self, config: &Config) -> serde_json::Value {
-        let refused = (self.decision == Decision::Rejected)
-            .then(|| self.error())
-            .flatten();
+        let refused = self.refusal();
         let body = match (&refused, &self.forwarded) {
             (Some(error), _) => Some(error.document(self.style(), &config.errors)),
             (None, Some(body)) => Some(String::from_utf8_lossy(body).into_owned()),

@@ -1,83 +1,18 @@
 //! The `snapguard` binary: arguments -> config -> tracing -> server, and the offline subcommands.
 
-use std::io::{IsTerminal, Read};
-use std::net::SocketAddr;
+use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
-use snapguard::config::{Config, LogConfig, LogFormat, UpstreamUrl};
+use snapguard::cli::{CheckFormat, Cli, Command, EXIT_IO, EXIT_USAGE};
+use snapguard::config::{Config, LogConfig, LogFormat};
 use snapguard::server::Handle;
 use snapguard::{check, server, Server};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
-
-/// EX_USAGE from sysexits.h: the configuration (or the command line) is wrong.
-const EXIT_CONFIG: u8 = 64;
-
-/// A reverse proxy that polices snapshot naming in front of a Cinder v3 / EVS API.
-#[derive(Debug, Clone, Parser)]
-#[command(name = "snapguard", version, about)]
-struct Cli {
-    /// TOML config file; without one, built-in defaults are used.
-    #[arg(long, global = true, env = "SNAPGUARD_CONFIG", value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Address for proxied traffic [default: 127.0.0.1:8080].
-    #[arg(long, env = "SNAPGUARD_LISTEN", value_name = "ADDR")]
-    listen: Option<SocketAddr>,
-    /// Upstream base URL [default: http://127.0.0.1:8776].
-    #[arg(long, env = "SNAPGUARD_UPSTREAM", value_name = "URL")]
-    upstream: Option<UpstreamUrl>,
-    /// Address of the admin endpoints /healthz and /readyz [default: 127.0.0.1:9901].
-    #[arg(long, env = "SNAPGUARD_ADMIN", value_name = "ADDR")]
-    admin: Option<SocketAddr>,
-    /// Log format [default: text].
-    #[arg(long, env = "SNAPGUARD_LOG_FORMAT", value_enum)]
-    log_format: Option<LogFormat>,
-    /// Worker threads serving traffic; 0 means one per CPU [default: 0].
-    #[arg(long, env = "SNAPGUARD_THREADS", value_name = "N")]
-    threads: Option<usize>,
-    #[command(subcommand)]
-    command: Option<Command>,
-}
-
-/// How `snapguard check` prints its verdict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum CheckFormat {
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone, Subcommand)]
-enum Command {
-    /// Validate a config file: exit 0 when valid, 64 with the reason when not.
-    CheckConfig {
-        /// The file to check.
-        file: PathBuf,
-    },
-    /// Decide on one request offline, body on stdin: exit 0 if it would be forwarded, 1 if refused.
-    Check {
-        /// The request method, e.g. PUT.
-        #[arg(required_unless_present = "batch")]
-        method: Option<String>,
-        /// The request path, e.g. /v3/p1/snapshots/s1.
-        #[arg(required_unless_present = "batch")]
-        path: Option<String>,
-        /// A request header, `Name: value`; may be repeated.
-        #[arg(short = 'H', long = "header", value_name = "HEADER")]
-        headers: Vec<String>,
-        /// Output: a labelled report, or one JSON object (decision, route, rule, field, status,
-        /// body).
-        #[arg(long, value_enum, default_value = "text")]
-        format: CheckFormat,
-        /// Decide on many requests: one JSON object per stdin line ({"method", "target",
-        /// "headers": [[name, value]...], "body"}), one JSON verdict per stdout line; exit 0.
-        #[arg(long, conflicts_with_all = ["method", "path", "headers", "format"])]
-        batch: bool,
-    },
-}
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -87,7 +22,7 @@ fn main() -> ExitCode {
         Err(e) => {
             let _ = e.print();
             return if e.use_stderr() {
-                ExitCode::from(EXIT_CONFIG)
+                ExitCode::from(EXIT_USAGE)
             } else {
                 ExitCode::SUCCESS
             };
@@ -101,14 +36,27 @@ fn main() -> ExitCode {
             }
             Err(e) => config_error(&e),
         },
-        Some(Command::Check { batch: true, .. }) => run_batch(&cli),
+        // `check --config F` and `snapguard --config F check`: the nearer one wins.
+        Some(Command::Check {
+            batch: true,
+            ref config,
+            ..
+        }) => run_batch(&cli, config.as_ref().or(cli.config.as_ref())),
         Some(Command::Check {
             method: Some(ref method),
             path: Some(ref path),
             ref headers,
             format,
+            ref config,
             ..
-        }) => run_check(&cli, method, path, headers, format),
+        }) => run_check(
+            &cli,
+            config.as_ref().or(cli.config.as_ref()),
+            method,
+            path,
+            headers,
+            format,
+        ),
         // clap requires both unless --batch.
         Some(Command::Check { .. }) => config_error(&"check needs METHOD and PATH"),
         None => run_proxy(&cli),
@@ -117,12 +65,12 @@ fn main() -> ExitCode {
 
 fn config_error(e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("snapguard: {e}");
-    ExitCode::from(EXIT_CONFIG)
+    ExitCode::from(EXIT_USAGE)
 }
 
 /// The config file (or the defaults), with command-line overrides applied.
-fn load(cli: &Cli) -> Result<Config, snapguard::config::ConfigError> {
-    let mut config = match &cli.config {
+fn load(cli: &Cli, file: Option<&PathBuf>) -> Result<Config, snapguard::config::ConfigError> {
+    let mut config = match file {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
@@ -146,7 +94,7 @@ fn load(cli: &Cli) -> Result<Config, snapguard::config::ConfigError> {
 }
 
 fn run_proxy(cli: &Cli) -> ExitCode {
-    let config = match load(cli) {
+    let config = match load(cli, cli.config.as_ref()) {
         Ok(config) => config,
         Err(e) => return config_error(&e),
     };
@@ -229,7 +177,7 @@ async fn reload_on_sighup(cli: Cli, handle: Handle, filter: FilterHandle) {
     };
     while hangups.recv().await.is_some() {
         tracing::info!(file = ?cli.config, "SIGHUP: reloading the config");
-        let loaded = load(&cli);
+        let loaded = load(&cli, cli.config.as_ref());
         let level = loaded.as_ref().ok().map(|c| c.log.level.clone());
         if handle.reload(loaded).is_ok() && std::env::var_os("RUST_LOG").is_none() {
             if let Some(level) = level {
@@ -241,8 +189,8 @@ async fn reload_on_sighup(cli: Cli, handle: Handle, filter: FilterHandle) {
     }
 }
 
-fn run_batch(cli: &Cli) -> ExitCode {
-    let config = match load(cli) {
+fn run_batch(cli: &Cli, file: Option<&PathBuf>) -> ExitCode {
+    let config = match load(cli, file) {
         Ok(config) => config,
         Err(e) => return config_error(&e),
     };
@@ -257,14 +205,17 @@ fn run_batch(cli: &Cli) -> ExitCode {
     }
 }
 
+/// `snapguard check`: the body on stdout and the labelled report on stderr (or one JSON
+/// verdict on stdout); exit 0 when forwarded, 1 when refused.
 fn run_check(
     cli: &Cli,
+    file: Option<&PathBuf>,
     method: &str,
     path: &str,
     header_args: &[String],
     format: CheckFormat,
 ) -> ExitCode {
-    let config = match load(cli) {
+    let config = match load(cli, file) {
         Ok(config) => config,
         Err(e) => return config_error(&e),
     };
@@ -289,21 +240,43 @@ fn run_check(
             None => return config_error(&format!("{arg:?} is not a `Name: value` header")),
         }
     }
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("snapguard: reading the request body from stdin (end it with Ctrl-D)");
+    }
     // One byte over the limit is enough to know the body is too large.
     let mut body = Vec::new();
     let limit = config.policy.max_body_bytes as u64 + 1;
-    if let Err(e) = std::io::stdin().lock().take(limit).read_to_end(&mut body) {
+    if let Err(e) = stdin.lock().take(limit).read_to_end(&mut body) {
         eprintln!("snapguard: cannot read the body from stdin: {e}");
-        return ExitCode::FAILURE;
+        return ExitCode::from(EXIT_IO);
     }
     let report = check::evaluate(&config, &method, &headers, &target, &body);
-    match format {
-        CheckFormat::Text => print!("{}", report.render(&config)),
-        CheckFormat::Json => println!("{}", report.to_json(&config)),
+    let written = match format {
+        CheckFormat::Text => {
+            // The report first, so that a terminal shows it above the body.
+            eprint!("{}", report.render(&config));
+            let mut out = report.body(&config);
+            if std::io::stdout().is_terminal() && !out.ends_with(b"\n") {
+                out.push(b'\n');
+            }
+            write_stdout(&out)
+        }
+        CheckFormat::Json => write_stdout(format!("{}\n", report.to_json(&config)).as_bytes()),
+    };
+    if let Err(e) = written {
+        eprintln!("snapguard: cannot write to stdout: {e}");
+        return ExitCode::from(EXIT_IO);
     }
     if report.allowed() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
     }
+}
+
+fn write_stdout(bytes: &[u8]) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(bytes)?;
+    stdout.flush()
 }

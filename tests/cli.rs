@@ -23,12 +23,8 @@ fn run(args: &[&str], stdin: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
+    // A process that exits before reading its stdin (a usage error) closes the pipe early.
+    let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
     child.wait_with_output().unwrap()
 }
 
@@ -40,44 +36,52 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+const RESERVED_400: &str = r#"{"badRequest":{"code":400,"message":"Invalid input for field/attribute name. Value: autobk_snapshot_x. Names starting with 'autobk_snapshot_' are reserved for automatic backup snapshots."}}"#;
+
 #[test]
-fn check_refuses_a_reserved_name_with_exit_1_and_shows_the_error() {
+fn check_refuses_a_reserved_name_with_exit_1_and_prints_the_error_body() {
     let o = run(
         &["check", "PUT", "/v3/p/snapshots/s"],
         r#"{"snapshot":{"name":"autobk_snapshot_x"}}"#,
     );
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    let out = stdout(&o);
-    assert!(out.contains("decision: rejected"), "{out}");
-    assert!(out.contains("rule: reserved_prefix"), "{out}");
-    assert!(out.contains("status: 400"), "{out}");
-    assert!(
-        out.contains(r#"response body: {"badRequest":{"code":400,"message":"Invalid input for field/attribute name. Value: autobk_snapshot_x. Names starting with 'autobk_snapshot_' are reserved for automatic backup snapshots."}}"#),
-        "{out}"
+    // stdout: the error body the downstream would get, byte for byte; stderr: the report.
+    assert_eq!(stdout(&o), RESERVED_400);
+    assert_eq!(
+        stderr(&o),
+        "decision: rejected\nroute: /v3/{project_id}/snapshots/{snapshot_id}\n\
+         rule: reserved_prefix\nfield: name\nstatus: 400\n"
     );
 }
 
 #[test]
-fn check_shows_the_body_that_would_be_forwarded() {
+fn check_prints_the_body_that_would_be_forwarded() {
     let o = run(
         &["check", "put", "/v3/p/snapshots/s?x=1"],
         r#"{"snapshot":{"display_name":"new"}}"#,
     );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    let out = stdout(&o);
-    assert!(out.contains("decision: normalized"), "{out}");
-    assert!(
-        out.contains("route: /v3/{project_id}/snapshots/{snapshot_id}"),
-        "{out}"
+    assert_eq!(stdout(&o), r#"{"snapshot":{"name":"new"}}"#);
+    assert_eq!(
+        stderr(&o),
+        "decision: normalized\nroute: /v3/{project_id}/snapshots/{snapshot_id}\n"
     );
+
+    // Allowed unchanged, and passthrough: the very bytes read, trailing newline included.
+    let body = "{\"snapshot\": {\"name\": \"nightly\"}}\n";
+    let o = run(&["check", "PUT", "/v3/p/snapshots/s"], body);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), body);
     assert!(
-        out.contains(r#"forwarded body: {"snapshot":{"name":"new"}}"#),
-        "{out}"
+        stderr(&o).starts_with("decision: allowed\n"),
+        "{}",
+        stderr(&o)
     );
 
     let o = run(&["check", "GET", "/v3/p/snapshots/s"], "");
     assert_eq!(o.status.code(), Some(0));
-    assert!(stdout(&o).contains("decision: passthrough"));
+    assert_eq!(stdout(&o), "");
+    assert_eq!(stderr(&o), "decision: passthrough\nroute: none\n");
 }
 
 #[test]
@@ -93,29 +97,178 @@ fn check_takes_headers_and_the_configured_policy() {
         r#"{"snapshot":{"name":"a"}}"#,
     );
     assert_eq!(o.status.code(), Some(1));
-    assert!(stdout(&o).contains("status: 415"), "{}", stdout(&o));
+    assert!(stderr(&o).contains("status: 415"), "{}", stderr(&o));
+    assert!(stdout(&o).contains(r#""code":415"#), "{}", stdout(&o));
 
-    let dir = std::env::temp_dir().join(format!("snapguard-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("strict.toml");
-    std::fs::write(&file, "[policy]\nmax_field_bytes = 3\n").unwrap();
+    // A form body is what `curl -d` sends without -H 'Content-Type: application/json'.
     let o = run(
         &[
-            "--config",
-            file.to_str().unwrap(),
             "check",
+            "-H",
+            "Content-Type: application/x-www-form-urlencoded",
             "PUT",
             "/v3/p/snapshots/s",
         ],
-        r#"{"snapshot":{"name":"abcd"}}"#,
+        r#"{"snapshot":{"name":"a"}}"#,
     );
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("status: 415"), "{}", stderr(&o));
+}
+
+/// `--config` goes before `check` or after it (the nearer one wins), or comes from
+/// SNAPGUARD_CONFIG.
+#[test]
+fn check_takes_the_config_before_or_after_the_subcommand() {
+    let dir = std::env::temp_dir().join(format!("snapguard-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let strict = dir.join("strict.toml");
+    std::fs::write(&strict, "[policy]\nmax_field_bytes = 3\n").unwrap();
+    let strict = strict.to_str().unwrap();
+    let lax = dir.join("lax.toml");
+    std::fs::write(&lax, "[policy]\nmax_field_bytes = 300\n").unwrap();
+    let lax = lax.to_str().unwrap();
+    let body = r#"{"snapshot":{"name":"abcd"}}"#;
+    let refused_by_strict = |args: &[&str], env: Option<&str>| {
+        let mut command = Command::new(BIN);
+        command.env_remove("SNAPGUARD_CONFIG");
+        if let Some(file) = env {
+            command.env("SNAPGUARD_CONFIG", file);
+        }
+        let mut child = command
+            .args(args)
+            .args(["PUT", "/v3/p/snapshots/s"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(body.as_bytes())
+            .unwrap();
+        let o = child.wait_with_output().unwrap();
+        match o.status.code() {
+            Some(1) => {
+                assert!(
+                    stderr(&o).contains("rule: max_field_bytes"),
+                    "{}",
+                    stderr(&o)
+                );
+                true
+            }
+            Some(0) => false,
+            other => panic!("{args:?}: exit {other:?}: {}", stderr(&o)),
+        }
+    };
+    assert!(refused_by_strict(&["--config", strict, "check"], None));
+    assert!(refused_by_strict(&["check", "--config", strict], None));
+    assert!(refused_by_strict(&["check"], Some(strict)));
+    assert!(!refused_by_strict(&["check"], None));
+    assert!(refused_by_strict(
+        &["--config", lax, "check", "--config", strict],
+        None
+    ));
+    assert!(!refused_by_strict(
+        &["check", "--config", lax],
+        Some(strict)
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn check_in_audit_mode_forwards_the_body_and_says_what_enforce_would_do() {
+    let dir = std::env::temp_dir().join(format!("snapguard-cli-audit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("audit.toml");
+    std::fs::write(&file, "[policy]\nmode = \"audit\"\n").unwrap();
+    let body = r#"{"snapshot":{"name":"autobk_snapshot_x"}}"#;
+    let o = run(
+        &[
+            "check",
+            "--config",
+            file.to_str().unwrap(),
+            "PUT",
+            "/v3/p/snapshots/s",
+        ],
+        body,
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), body);
+    let err = stderr(&o);
+    assert!(err.starts_with("decision: audit\n"), "{err}");
     assert!(
-        stdout(&o).contains("rule: max_field_bytes"),
-        "{}",
-        stdout(&o)
+        err.contains(&format!(
+            "would be refused in enforce mode with: 400 {RESERVED_400}"
+        )),
+        "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn check_exits_64_on_usage_errors() {
+    for args in [
+        &["check", "PUT"][..],
+        &["check", "P T", "/v3/p/snapshots/s"],
+        &["check", "PUT", "not a target"],
+        &["check", "-H", "no colon", "PUT", "/"],
+        &["check", "--format", "yaml", "PUT", "/"],
+        &["check", "--no-such-flag", "PUT", "/"],
+        &[
+            "check",
+            "--config",
+            "/nonexistent/snapguard.toml",
+            "PUT",
+            "/",
+        ],
+        &["check-config", "--config", "x.toml", "x.toml"],
+    ] {
+        let o = run(args, "{}");
+        assert_eq!(o.status.code(), Some(64), "{args:?}: {}", stderr(&o));
+        assert_eq!(stdout(&o), "", "{args:?}");
+        assert!(!stderr(&o).is_empty(), "{args:?} says nothing");
+    }
+}
+
+#[test]
+fn help_says_what_each_command_does() {
+    let help = |args: &[&str]| {
+        let o = run(args, "");
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+        stdout(&o)
+    };
+    let top = help(&["--help"]);
+    for words in [
+        "--threads",
+        "/healthz, /readyz and /metrics",
+        "SNAPGUARD_UPSTREAM",
+        "check-config",
+    ] {
+        assert!(top.contains(words), "--help lacks {words:?}:\n{top}");
+    }
+    let check = help(&["check", "--help"]);
+    for words in [
+        "stdout",
+        "stderr",
+        "taken as JSON",
+        "--format json",
+        "0 forwarded",
+        "1 refused",
+        "64 usage error",
+        "--config <FILE>",
+    ] {
+        assert!(
+            check.contains(words),
+            "check --help lacks {words:?}:\n{check}"
+        );
+    }
+    let check_config = help(&["check-config", "--help"]);
+    assert!(
+        !check_config.contains("--config"),
+        "check-config takes the file as its argument:\n{check_config}"
+    );
 }
 
 #[test]
@@ -129,20 +282,21 @@ fn check_evaluates_the_configured_naming_rules() {
         r#"{"snapshot":{"name":"Prod_DB"}}"#,
     );
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    let out = stdout(&o);
-    assert!(out.contains("rule: team-prefix"), "{out}");
+    assert!(stderr(&o).contains("rule: team-prefix"), "{}", stderr(&o));
     assert!(
-        out.contains("Rule 'team-prefix': names must match"),
-        "{out}"
+        stdout(&o).contains("Rule 'team-prefix': names must match"),
+        "{}",
+        stdout(&o)
     );
 
     let exempt = "/v3/5f0c4e3ad1b84c1f9e0a6c7d8b9e0f12/snapshots/s1";
     let o = run(
-        &["--config", example, "check", "PUT", exempt],
+        &["check", "--config", example, "PUT", exempt],
         r#"{"snapshot":{"name":"autobk_snapshot_1"}}"#,
     );
-    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
-    assert!(stdout(&o).contains("decision: exempt"), "{}", stdout(&o));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("decision: exempt"), "{}", stderr(&o));
+    assert_eq!(stdout(&o), r#"{"snapshot":{"name":"autobk_snapshot_1"}}"#);
 }
 
 #[test]
@@ -243,6 +397,7 @@ fn check_prints_a_json_verdict_on_request() {
         r#"{"snapshot":{"display_name":"nightly"}}"#,
     );
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "");
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["decision"], "normalized");
     assert_eq!(v["route"], "/v3/{project_id}/snapshots/{snapshot_id}");
