@@ -39,10 +39,10 @@ pub fn head<'c>(config: &'c Config, method: &Method, headers: &HeaderMap, uri: &
     let (route, project) = match route::classify(&config.routes, method, headers, uri) {
         Class::Passthrough if method == Method::CONNECT => return Head::Connect,
         Class::Passthrough => return Head::Passthrough,
-        Class::Ambiguous(route) => {
+        Class::Ambiguous(route, why) => {
             return Head::Violation {
                 route,
-                violation: Violation::AmbiguousPath,
+                violation: Violation::AmbiguousPath(why),
             }
         }
         Class::Policed { route, project_id } => (route, project_id),

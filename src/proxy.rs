@@ -126,7 +126,8 @@ impl Proxy {
         let request_id = self.ids.for_request(req.headers());
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        let http1 = req.version() < Version::HTTP_2;
+        let version = req.version();
+        let http1 = version < Version::HTTP_2;
         let progress = Progress::new();
         let cx = Context {
             rt: &rt,
@@ -170,6 +171,9 @@ impl Proxy {
             Ok((response, lease)) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                // Answered in the downstream's own version, whatever the upstream speaks: an
+                // HTTP/1.0 upstream must not cost an HTTP/1.1 client its keep-alive.
+                parts.version = version;
                 match self
                     .buffer_response(&rt, body, lease, &progress, pace)
                     .await

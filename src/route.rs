@@ -189,9 +189,22 @@ pub enum Class<'a> {
         project_id: Option<String>,
     },
     /// A path or method that some reading makes this policed route and that cannot be classified
-    /// with certainty (an encoded `/`, a decoded control character, a Unicode method override):
-    /// refused rather than forwarded unpoliced, in the route's error style.
-    Ambiguous(&'a Route),
+    /// with certainty: refused rather than forwarded unpoliced, in the route's error style.
+    Ambiguous(&'a Route, Ambiguity),
+}
+
+/// Why a request could not be classified with certainty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ambiguity {
+    /// An encoded `/` or `\\`: servers disagree on whether it separates segments.
+    EncodedSeparator,
+    /// An escape that a second decoding would change (`%2573`).
+    DoubleEncoding,
+    /// A decoded control character, space or non-ASCII byte that a loose reader drops, trims or
+    /// stops at (`/snapshots%0A`).
+    LooseBytes,
+    /// A method override that is not plain printable ASCII (`?_method=po%C5%BFt`).
+    MethodOverride,
 }
 
 /// Classifies a request from its method, headers and request target.
@@ -249,32 +262,29 @@ pub fn classify<'a>(
     }
     // Readings that a server decoding before splitting, or decoding twice, would make: if any
     // of them is a policed route, the request cannot be classified with certainty.
+    // Readings that other servers and routers would make of a suspicious path: if any of them
+    // is a policed route, the request cannot be classified with certainty.
     let by = |how: Reading| find(&read(path, how)).map(|(route, _)| route);
     let mut ambiguous = None;
     if facts.encoded_separator {
+        // Even when one reading polices it: another may split it into a different route.
         ambiguous = policed
             .as_ref()
-            .map(|(route, _)| *route)
-            .or_else(|| by(Reading::SPLIT_ENCODED))
-            .or_else(|| by(Reading::SPLIT_ENCODED_KEEP_DOTS));
+            .map(|(route, _)| (*route, Ambiguity::EncodedSeparator));
     }
     if ambiguous.is_none() && policed.is_none() {
-        if facts.escape_after_decoding {
-            ambiguous = by(Reading::TWICE);
-        }
-        // Decoded control characters and spaces, read as a loose reader would: Python's `$`
-        // matches before a final newline (`/snapshots%0A` is the snapshots collection to
-        // Cinder's router), a C string ends at NUL, and others trim or drop what they cannot
-        // print.
-        if ambiguous.is_none() && facts.loose_bytes {
-            ambiguous = Reading::LOOSE.into_iter().find_map(by);
+        if facts.suspicious() {
+            ambiguous = Reading::suspicious(&facts)
+                .find_map(by)
+                .map(|route| (route, facts.ambiguity()));
         }
         if ambiguous.is_none() && loose_override {
-            ambiguous = route_on_path(routes, path, &facts);
+            ambiguous =
+                route_on_path(routes, path, &facts).map(|route| (route, Ambiguity::MethodOverride));
         }
     }
     match (ambiguous, policed) {
-        (Some(route), _) => Class::Ambiguous(route),
+        (Some((route, why)), _) => Class::Ambiguous(route, why),
         (None, Some((route, project_id))) => Class::Policed { route, project_id },
         (None, None) => Class::Passthrough,
     }
@@ -282,18 +292,18 @@ pub fn classify<'a>(
 
 /// The first route that any reading of `path` matches, whatever the method.
 fn route_on_path<'a>(routes: &'a [Route], path: &str, facts: &Facts) -> Option<&'a Route> {
-    let mut readings = vec![
+    let plain = [
         Reading::ONCE,
         Reading::ONCE_KEEP_DOTS,
         Reading::ONCE_RAW_PARAMS,
         Reading::ONCE_KEEP_PARAMS,
-        Reading::SPLIT_ENCODED,
-        Reading::TWICE,
     ];
-    if facts.loose_bytes {
-        readings.extend(Reading::LOOSE);
-    }
-    readings.into_iter().find_map(|how| {
+    let suspicious = facts
+        .suspicious()
+        .then(|| Reading::suspicious(facts))
+        .into_iter()
+        .flatten();
+    plain.into_iter().chain(suspicious).find_map(|how| {
         let segments = read(path, how);
         routes.iter().find(|r| r.matches(&segments).is_some())
     })
@@ -344,6 +354,8 @@ struct Facts {
     /// A decoded control character (`%00`-`%1F`, `%7F`), space or non-ASCII byte: loose
     /// readers drop, trim or stop at them.
     loose_bytes: bool,
+    /// A `\`, raw or encoded: a separator to some servers, data to Cinder.
+    backslash: bool,
 }
 
 impl Facts {
@@ -354,6 +366,7 @@ impl Facts {
             escape_after_decoding: false,
             semicolons: false,
             loose_bytes: false,
+            backslash: false,
         };
         for raw in path.split('/') {
             let decoded = percent_decode(raw.as_bytes());
@@ -361,10 +374,27 @@ impl Facts {
             facts.escape_after_decoding |= raw.contains('%') && decoded.contains(&b'%');
             facts.semicolons |= decoded.contains(&b';');
             facts.loose_bytes |= decoded.iter().copied().any(is_loose);
+            facts.backslash |= decoded.contains(&b'\\');
             let cut = decoded.split(|b| *b == b';').next().unwrap_or_default();
             facts.dot_segments |= matches!(cut, b"." | b"..");
         }
         facts
+    }
+
+    /// Whether the path holds anything that some reader reads differently from another.
+    fn suspicious(&self) -> bool {
+        self.encoded_separator || self.escape_after_decoding || self.loose_bytes
+    }
+
+    /// The first of the reasons a suspicious path is refused.
+    fn ambiguity(&self) -> Ambiguity {
+        if self.encoded_separator {
+            Ambiguity::EncodedSeparator
+        } else if self.escape_after_decoding {
+            Ambiguity::DoubleEncoding
+        } else {
+            Ambiguity::LooseBytes
+        }
     }
 }
 
@@ -383,10 +413,21 @@ fn is_loose(b: u8) -> bool {
 #[derive(Clone, Copy)]
 struct Reading {
     decode_twice: bool,
-    split_encoded: bool,
+    split: Split,
     resolve_dots: bool,
     params: Params,
     loose: Loose,
+}
+
+/// What a reading splits a decoded segment at.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Split {
+    /// Nothing: an encoded separator is data (Cinder behind a strict server).
+    No,
+    /// A decoded `/` (a server that decodes before splitting, or collapses `//` after it).
+    Slash,
+    /// A decoded `/` or `\` (servers that take `\` for `/`).
+    SlashOrBackslash,
 }
 
 /// What a reading does with control characters and spaces once decoded.
@@ -414,7 +455,7 @@ enum Params {
 impl Reading {
     const ONCE: Self = Self {
         decode_twice: false,
-        split_encoded: false,
+        split: Split::No,
         resolve_dots: true,
         params: Params::CutDecoded,
         loose: Loose::Keep,
@@ -431,40 +472,53 @@ impl Reading {
         resolve_dots: false,
         ..Self::ONCE
     };
-    const SPLIT_ENCODED: Self = Self {
-        split_encoded: true,
-        ..Self::ONCE
-    };
-    const SPLIT_ENCODED_KEEP_DOTS: Self = Self {
-        split_encoded: true,
-        ..Self::ONCE_KEEP_DOTS
-    };
-    const TWICE: Self = Self {
-        decode_twice: true,
-        split_encoded: true,
-        resolve_dots: true,
-        params: Params::CutDecoded,
-        loose: Loose::Keep,
-    };
-    /// The loose readings, tried only on a path with a decoded control character or space.
-    const LOOSE: [Self; 4] = [
-        Self {
-            loose: Loose::Drop,
-            ..Self::ONCE
-        },
-        Self {
-            loose: Loose::Drop,
-            ..Self::ONCE_KEEP_PARAMS
-        },
-        Self {
-            loose: Loose::Drop,
-            ..Self::ONCE_KEEP_DOTS
-        },
-        Self {
-            loose: Loose::CutAtNul,
-            ..Self::ONCE
-        },
-    ];
+
+    /// Every combination of the readings that the facts of a suspicious path make differ:
+    /// decoded once or twice, split at encoded separators or not, loose bytes kept, dropped or
+    /// cut at, params cut or kept, dot segments resolved or kept. Combined, because readers
+    /// combine them: a server that collapses the `//` of a decoded `%2F` in front of a router
+    /// whose `$` ignores a final newline reads `/v3%2Fsnapshots%0A` as `/v3/snapshots`. At most
+    /// 108 readings, each linear in the path, and only for paths that hold such bytes.
+    fn suspicious(facts: &Facts) -> impl Iterator<Item = Reading> {
+        let twice: &[bool] = if facts.escape_after_decoding {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        let split: &[Split] = match (
+            facts.encoded_separator || facts.escape_after_decoding,
+            facts.backslash,
+        ) {
+            (false, _) => &[Split::No],
+            (true, false) => &[Split::No, Split::Slash],
+            (true, true) => &[Split::No, Split::Slash, Split::SlashOrBackslash],
+        };
+        let loose: &[Loose] = if facts.loose_bytes {
+            &[Loose::Keep, Loose::Drop, Loose::CutAtNul]
+        } else {
+            &[Loose::Keep]
+        };
+        let params: &[Params] = if facts.semicolons {
+            &[Params::CutDecoded, Params::CutRaw, Params::Keep]
+        } else {
+            &[Params::CutDecoded]
+        };
+        twice.iter().flat_map(move |&decode_twice| {
+            split.iter().flat_map(move |&split| {
+                loose.iter().flat_map(move |&loose| {
+                    params.iter().flat_map(move |&params| {
+                        [true, false].map(|resolve_dots| Reading {
+                            decode_twice,
+                            split,
+                            resolve_dots,
+                            params,
+                            loose,
+                        })
+                    })
+                })
+            })
+        })
+    }
 }
 
 /// The segments of `path` under `how`: percent-decoded, `;params` cut, empty segments (`//`,
@@ -494,8 +548,13 @@ fn read(path: &str, how: Reading) -> Vec<Cow<'_, [u8]>> {
                 }
             }
         }
-        if how.split_encoded && segment.iter().any(is_separator) {
-            for piece in segment.split(is_separator) {
+        let splits_at = |b: &u8| match how.split {
+            Split::No => false,
+            Split::Slash => *b == b'/',
+            Split::SlashOrBackslash => is_separator(b),
+        };
+        if segment.iter().any(splits_at) {
+            for piece in segment.split(splits_at) {
                 push_segment(&mut out, Cow::Owned(piece.to_vec()), how);
             }
         } else {
@@ -609,7 +668,7 @@ mod tests {
         match classify(&routes, &method, &headers, &uri) {
             Class::Passthrough => None,
             Class::Policed { route, .. } => Some(route.template.to_string()),
-            Class::Ambiguous(_) => Some("ambiguous".to_owned()),
+            Class::Ambiguous(..) => Some("ambiguous".to_owned()),
         }
     }
 
@@ -876,7 +935,7 @@ mod tests {
     }
 
     #[test]
-    fn decoded_control_characters_on_a_route_are_refused() {
+    fn suspicious_bytes_on_a_route_are_refused() {
         // Python's `$` matches before a final newline: Cinder routes these to the actions.
         for (method, path) in [
             ("POST", "/v3/ab12/snapshots%0A"),
@@ -897,6 +956,15 @@ mod tests {
             ("POST", "/v2/p1/cloudsnapshots%A0"),
             ("POST", "/v2/p1/%E3%80%80cloudsnapshots"),
             ("PUT", "/v5/p1/snapshots%C2%85/s1"),
+            // Combined with an encoded slash (found by the differential test against Cinder's
+            // router: its URL map collapses the `//` a decoded `%2F` makes).
+            ("POST", "/v3%2Fsnapshots%0a"),
+            ("POST", "/v3%2F--/group_snapshots%0A"),
+            ("POST", "/v3/ab12%2Fsnapshots%0A"),
+            // A backslash is data to Cinder, so a `%2F` reading must keep it in the id.
+            ("PUT", "/v3%2fsnapshots/a%5Cb.json"),
+            ("PUT", "/v3/snapshots%2Fa%5Cb"),
+            ("PUT", "/v3%2Fsnapshots/a\\b"),
         ] {
             assert_eq!(
                 class_of(method, path, &[]).as_deref(),

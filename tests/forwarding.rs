@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use std::time::Duration;
@@ -1080,4 +1081,97 @@ async fn a_streamed_upload_that_stops_gets_408() {
         1.0,
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_connection_whose_request_was_not_sent_whole_is_not_reused() {
+    // An upstream that answers at once and reads no body: the exchange's response ends while
+    // its upload is still going. The connection must not carry the next request, which would
+    // otherwise wait behind that upload.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                // Answers each request head it sees, ignoring any body.
+                while let Ok(n) = conn.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    if buf[..n].windows(4).any(|w| w == b"HTTP") {
+                        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}";
+                        if conn.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let toml = "[limits]\nbuffer_request_body = 16\n";
+    let proxy = Proxy::start(&format!("http://{upstream}"), toml).await;
+    // A streamed upload that is never finished.
+    let mut first = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    first
+        .write_all(b"POST /v3/p1/volumes HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n0123456789012345678901234567890123456789")
+        .await
+        .unwrap();
+    let mut head = [0u8; 256];
+    let n = first.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &head[..n]);
+    // Behind the unfinished upload it would wait for ever; on a connection of its own it is
+    // answered at once.
+    let url = proxy.url("/v3/p1/volumes");
+    let second = send(Version::HTTP_11, "GET", &url, &[], "");
+    let second = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("the second request waited behind the first one's upload");
+    assert_eq!(second.status, StatusCode::OK);
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        2,
+        "the second went on a new connection"
+    );
+    drop(first);
+}
+
+#[tokio::test]
+async fn the_downstream_is_answered_in_its_own_http_version() {
+    // An HTTP/1.0 upstream (python -m http.server is one).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let _ = conn
+                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+                    .await;
+            });
+        }
+    });
+    let proxy = Proxy::start(&format!("http://{upstream}"), "").await;
+    let response = raw(
+        proxy.addr,
+        b"GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    let got = send(
+        Version::HTTP_2,
+        "GET",
+        &proxy.url("/v3/p1/volumes"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
 }

@@ -718,7 +718,7 @@ fn route_for<'c, 'r>(
 ) -> (&'r Route, Option<&'c str>) {
     match class {
         Class::Policed { route, project_id } => (route, project_id.as_deref()),
-        Class::Passthrough | Class::Ambiguous(_) => (&routes[fallback % routes.len()], Some("p1")),
+        Class::Passthrough | Class::Ambiguous(..) => (&routes[fallback % routes.len()], Some("p1")),
     }
 }
 

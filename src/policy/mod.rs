@@ -15,11 +15,29 @@ use http::{header, HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
 
 use crate::config::PolicyConfig;
-use crate::route::Route;
+use crate::route::{Ambiguity, Route};
 
 pub use rules::Rule;
 
 pub use media::{check_content_encoding, check_content_type};
+
+/// What the downstream is told about a request that could not be classified with certainty.
+fn ambiguity_message(why: Ambiguity) -> &'static str {
+    match why {
+        Ambiguity::EncodedSeparator => {
+            "Invalid request path: an encoded '/' or '\\' inside a snapshot route cannot be policed."
+        }
+        Ambiguity::DoubleEncoding => {
+            "Invalid request path: a percent-escape that decodes to another escape inside a snapshot route cannot be policed."
+        }
+        Ambiguity::LooseBytes => {
+            "Invalid request path: a control character, space or non-ASCII byte inside a snapshot route cannot be policed."
+        }
+        Ambiguity::MethodOverride => {
+            "Invalid request method: a method override that is not plain ASCII cannot be policed on a snapshot route."
+        }
+    }
+}
 
 /// Whether violations are refused, or only reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -100,10 +118,8 @@ pub enum Violation {
         value: String,
         message: String,
     },
-    #[error(
-        "Invalid request path: an encoded '/' or '\\' inside a snapshot route cannot be policed."
-    )]
-    AmbiguousPath,
+    #[error("{}", ambiguity_message(*.0))]
+    AmbiguousPath(Ambiguity),
 }
 
 impl Violation {
@@ -127,7 +143,7 @@ impl Violation {
             Self::FieldType { .. } => "field_type",
             Self::TooLong { .. } => "max_field_bytes",
             Self::ReservedPrefix { .. } => "reserved_prefix",
-            Self::AmbiguousPath => "ambiguous_path",
+            Self::AmbiguousPath(_) => "ambiguous_path",
         }
     }
 
