@@ -55,6 +55,8 @@ pub struct Exchange {
     pub error: Option<&'static str>,
     pub status: u16,
     pub request_id: HeaderValue,
+    /// The caller's access key, when its signature was verified.
+    pub caller: Option<String>,
     pub upstream: Option<Duration>,
     /// Request body bytes received, counted as the request body streams or is read.
     pub bytes_in: Arc<Progress>,
@@ -90,6 +92,7 @@ impl Drop for Exchange {
             duration_ms = duration.as_secs_f64() * 1000.0,
             upstream_ms = self.upstream.map_or(-1.0, |d| d.as_secs_f64() * 1000.0),
             request_id = self.request_id.to_str().unwrap_or("-"),
+            caller = self.caller.as_deref().unwrap_or("-"),
         );
     }
 }

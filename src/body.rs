@@ -130,6 +130,14 @@ impl ProxyBody {
         }
     }
 
+    /// The whole body, when it is all in memory (an empty one included).
+    pub fn buffered(&self) -> Option<&[u8]> {
+        if !self.rest.as_ref().is_none_or(Body::is_end_stream) {
+            return None;
+        }
+        Some(self.prefix.as_deref().unwrap_or_default())
+    }
+
     /// Counts buffered bytes against the memory budget until this body is dropped.
     pub fn budgeted(mut self, reservation: crate::lifetime::Reservation) -> Self {
         self.budget = Some(reservation);

@@ -68,6 +68,8 @@ pub struct UpstreamConfig {
     pub ca_file: Option<PathBuf>,
     /// Send the downstream Host upstream instead of the upstream's authority (signed requests).
     pub preserve_host: bool,
+    /// Re-sign every forwarded request with the cloud's AK/SK (`[upstream.signing]`).
+    pub signing: Option<crate::signing::SigningConfig>,
 }
 
 /// An upstream base URL: `http://` or `https://`, an authority, and no path, query or userinfo.
@@ -403,6 +405,35 @@ impl Config {
         if self.limits.max_header_bytes < 8192 {
             return invalid("limits.max_header_bytes", "must be at least 8192");
         }
+        if let Some(signing) = &self.upstream.signing {
+            use crate::signing::Downstream;
+            // Otherwise anyone who can reach snapguard signs with the cloud's key.
+            if signing.downstream == Downstream::None && !self.listen.ip().is_loopback() {
+                return invalid(
+                    "upstream.signing.downstream",
+                    "\"none\" lends the cloud key to anyone who can connect: listen on a loopback \
+                     address, or set downstream = \"verify\" with [[upstream.signing.clients]]",
+                );
+            }
+            if signing.downstream == Downstream::Verify && signing.clients.is_empty() {
+                return invalid(
+                    "upstream.signing.clients",
+                    "downstream = \"verify\" needs at least one [[upstream.signing.clients]] key",
+                );
+            }
+            if signing.reload_interval.is_zero() {
+                return invalid(
+                    "upstream.signing.reload_interval",
+                    "must be greater than 0s",
+                );
+            }
+            if self.upstream.preserve_host {
+                return invalid(
+                    "upstream.preserve_host",
+                    "a re-signed request is signed for the upstream's Host",
+                );
+            }
+        }
         if self.upstream.ca_file.is_some() && self.upstream.url.scheme != http::uri::Scheme::HTTPS {
             return invalid("upstream.ca_file", "is only used with an https:// upstream");
         }
@@ -454,7 +485,7 @@ impl Config {
     }
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     humantime::parse_duration(&text).map_err(|e| {
         serde::de::Error::custom(format!(

@@ -71,8 +71,9 @@ pub fn body(
     body: &[u8],
 ) -> Result<Allowed, Violation> {
     let target = Target { route, project };
-    // A signature covers the body's hash: an allowed signed body goes on byte for byte.
-    let may_normalize = !policy::is_signed(headers);
+    // A caller's signature covers the body's hash: an allowed signed body goes on byte for
+    // byte, unless snapguard signs the request itself.
+    let may_normalize = config.upstream.signing.is_some() || !policy::is_signed(headers);
     policy::check_body(target, &config.policy, &config.rules, body, may_normalize)
 }
 

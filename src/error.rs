@@ -15,6 +15,7 @@ use crate::config::ErrorsConfig;
 use crate::lifetime::Stall;
 use crate::policy::Violation;
 use crate::route::ErrorStyle;
+use crate::signing::AuthError;
 use crate::upstream::BoxError;
 
 /// Why a request did not get an upstream response.
@@ -44,6 +45,12 @@ pub enum Error {
     /// The upstream's response body failed, or stalled, while being read to be buffered.
     #[error("upstream response body could not be read: {0}")]
     UpstreamBody(#[source] BoxError),
+    /// The caller's own signature was refused (`[upstream.signing] downstream = "verify"`).
+    #[error("caller signature refused: {0}")]
+    Unauthorized(#[source] AuthError),
+    /// Re-signing failed (it cannot with checked keys; kept so a bug is an error, not a panic).
+    #[error("re-signing failed: {0}")]
+    Sign(#[source] crate::sign::SignError),
     /// Every upstream slot is taken and the queue for them is full (or was waited on too long).
     #[error("no upstream slot: {0}")]
     UpstreamBusy(&'static str),
@@ -68,6 +75,8 @@ impl Error {
             Self::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Self::UpstreamBody(_) => StatusCode::BAD_GATEWAY,
             Self::UpstreamBusy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Sign(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -86,6 +95,8 @@ impl Error {
             Self::BodyStalled(stall) => stall.reason(),
             Self::UpstreamBody(e) => Stall::find(e.as_ref()).map_or("reset", Stall::reason),
             Self::UpstreamBusy(kind) => kind,
+            Self::Unauthorized(_) => "unauthorized",
+            Self::Sign(_) => "sign",
         }
     }
 
@@ -123,6 +134,8 @@ impl Error {
             Self::UpstreamBusy(_) => {
                 "The block storage service is busy; try again later.".to_owned()
             }
+            Self::Unauthorized(e) => format!("The request signature was refused: {e}."),
+            Self::Sign(_) => "The request could not be signed.".to_owned(),
             Self::UpstreamTimeout(_) => {
                 "The block storage service did not respond in time.".to_owned()
             }

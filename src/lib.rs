@@ -22,6 +22,7 @@ pub mod proxy;
 pub mod route;
 pub mod server;
 pub mod sign;
+pub mod signing;
 pub mod upstream;
 
 pub use config::Config;

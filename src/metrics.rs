@@ -71,6 +71,9 @@ pub struct Metrics {
     upstream_waiting: Gauge,
     reloads: Family<ResultLabels, Counter>,
     cuts: Family<ReasonLabels, Counter>,
+    signed: Counter,
+    auth_failures: Family<ReasonLabels, Counter>,
+    credential_reloads: Family<ResultLabels, Counter>,
 }
 
 /// Every upstream error kind, exported at 0 from start-up so that `increase()` sees the first.
@@ -107,6 +110,9 @@ impl Default for Metrics {
             upstream_waiting: Gauge::default(),
             reloads: Family::default(),
             cuts: Family::default(),
+            signed: Counter::default(),
+            auth_failures: Family::default(),
+            credential_reloads: Family::default(),
         };
         let mut m = metrics;
         let r = &mut m.registry;
@@ -157,6 +163,21 @@ impl Default for Metrics {
             m.reloads.clone(),
         );
         r.register(
+            "snapguard_signed_requests",
+            "Requests signed with the cloud key on their way upstream ([upstream.signing])",
+            m.signed.clone(),
+        );
+        r.register(
+            "snapguard_signature_failures",
+            "Callers' signatures refused with 401, by reason",
+            m.auth_failures.clone(),
+        );
+        r.register(
+            "snapguard_credential_reloads",
+            "Signing keys re-read from their files, by result: success (changed) or failure",
+            m.credential_reloads.clone(),
+        );
+        r.register(
             "snapguard_build",
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
@@ -170,6 +191,10 @@ impl Default for Metrics {
         }
         for result in ["success", "failure"] {
             let _ = m.reloads.get_or_create(&ResultLabels { result });
+            let _ = m.credential_reloads.get_or_create(&ResultLabels { result });
+        }
+        for reason in crate::signing::AUTH_FAILURE_REASONS {
+            let _ = m.auth_failures.get_or_create(&ReasonLabels { reason });
         }
         m
     }
@@ -227,6 +252,26 @@ impl Metrics {
     }
 
     /// The gauge of requests waiting for an upstream connection, kept by the upstream pool.
+    /// A request signed with the cloud key.
+    pub fn signed(&self) {
+        self.signed.inc();
+    }
+
+    /// A caller's signature refused.
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Signing keys re-read: `true` when they changed, `false` when they could not be read.
+    pub fn credential_reload(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.credential_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
     /// A peer cut for breaking a deadline.
     pub fn cut(&self, reason: &'static str) {
         self.cuts.get_or_create(&ReasonLabels { reason }).inc();

@@ -7,7 +7,8 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
@@ -28,6 +29,7 @@ use crate::lifetime::{Budget, Pace, Stall, Watched};
 use crate::metrics::Metrics;
 use crate::policy::{self, Verdict, Violation};
 use crate::route::{ErrorStyle, Route};
+use crate::signing::{KeyError, Signer};
 use crate::upstream::{Lease, SendError, TlsError, Upstream};
 
 /// What a reload replaces whole: the config and the upstream client built from it.
@@ -36,18 +38,39 @@ pub struct Runtime {
     upstream: Upstream,
     /// The upstream authority as a Host value, made once.
     upstream_host: HeaderValue,
+    /// Re-signing with the cloud key, when `[upstream.signing]` is set.
+    signer: Option<Arc<Signer>>,
+}
+
+/// Why a runtime could not be built from a valid config.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("[upstream.signing]: {0}")]
+    Keys(#[from] KeyError),
 }
 
 impl Runtime {
-    pub fn new(config: Config, metrics: &Metrics) -> Result<Self, TlsError> {
+    pub fn new(config: Config, metrics: &Metrics) -> Result<Self, BuildError> {
         let upstream = Upstream::new(&config, metrics.upstream_waiting())?;
         let upstream_host = HeaderValue::from_str(config.upstream.url.authority.as_str())
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
+        let signer = match &config.upstream.signing {
+            Some(signing) => Some(Arc::new(Signer::new(signing.clone())?)),
+            None => None,
+        };
         Ok(Self {
             config,
             upstream,
             upstream_host,
+            signer,
         })
+    }
+
+    /// The re-signer, whose keys a background task re-reads while it is in use.
+    pub fn signer(&self) -> Option<&Arc<Signer>> {
+        self.signer.as_ref()
     }
 }
 
@@ -81,6 +104,20 @@ struct Context<'r> {
     peer: &'r HeaderValue,
     id: &'r HeaderValue,
     progress: &'r Arc<Progress>,
+    /// The caller's access key, once its signature was verified (`downstream = "verify"`).
+    caller: &'r OnceLock<String>,
+    /// Set once the caller was authenticated (or needed not be).
+    authenticated: &'r OnceLock<()>,
+}
+
+/// Re-reads a runtime's signing keys in the background for as long as the runtime is in use.
+fn watch_keys(runtime: &Runtime, metrics: &Arc<Metrics>) {
+    if let (Some(signer), Ok(handle)) = (runtime.signer(), tokio::runtime::Handle::try_current()) {
+        handle.spawn(Signer::reload_every(
+            Arc::downgrade(signer),
+            metrics.clone(),
+        ));
+    }
 }
 
 /// The proxy service, shared by every connection.
@@ -94,6 +131,7 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(runtime: Runtime, metrics: Arc<Metrics>) -> Self {
+        watch_keys(&runtime, &metrics);
         Self {
             runtime: ArcSwap::from_pointee(runtime),
             ids: RequestIds::default(),
@@ -109,6 +147,7 @@ impl Proxy {
 
     /// Swaps in a new runtime; requests in flight finish on the old one.
     pub fn swap(&self, runtime: Runtime) {
+        watch_keys(&runtime, &self.metrics);
         self.runtime.store(Arc::new(runtime));
     }
 
@@ -129,11 +168,14 @@ impl Proxy {
         let version = req.version();
         let http1 = version < Version::HTTP_2;
         let progress = Progress::new();
+        let (caller, authenticated) = (OnceLock::new(), OnceLock::new());
         let cx = Context {
             rt: &rt,
             peer,
             id: &request_id,
             progress: &progress,
+            caller: &caller,
+            authenticated: &authenticated,
         };
 
         let head = decide::head(&rt.config, req.method(), req.headers(), req.uri());
@@ -194,7 +236,11 @@ impl Proxy {
                 if e.status().is_server_error() {
                     tracing::warn!(error = %e, request_id = ?request_id, "upstream failure");
                 }
-                let style = route.map_or(ErrorStyle::Openstack, |r| r.error_style);
+                // Signature refusals answer Huawei SDK callers in their gateway's format.
+                let style = match e {
+                    Error::Unauthorized(_) => ErrorStyle::Huawei,
+                    _ => route.map_or(ErrorStyle::Openstack, |r| r.error_style),
+                };
                 let (mut parts, body) = e.render(style, &rt.config.errors).into_parts();
                 if http1 && e.closes_connection() {
                     parts
@@ -220,9 +266,38 @@ impl Proxy {
             upstream: outcome.upstream,
             bytes_in: progress,
             bytes_out: 0,
+            caller: caller.into_inner(),
             metrics: self.metrics.clone(),
         });
         response.map(|()| body.finishing(exchange))
+    }
+
+    /// Checks the caller's signature once, on the request as it came (`downstream = "verify"`).
+    fn authenticate(
+        &self,
+        cx: &Context<'_>,
+        parts: &Parts,
+        body: Option<&[u8]>,
+    ) -> Result<(), Error> {
+        if cx.authenticated.get().is_some() {
+            return Ok(());
+        }
+        let _ = cx.authenticated.set(());
+        let Some(signer) = cx.rt.signer() else {
+            return Ok(());
+        };
+        match signer.verify(parts, body, SystemTime::now()) {
+            Ok(caller) => {
+                if let Some(caller) = caller {
+                    let _ = cx.caller.set(caller);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.auth_failure(e.reason());
+                Err(Error::Unauthorized(e))
+            }
+        }
     }
 
     /// A passthrough request body up to `limits.buffer_request_body` is read whole (within
@@ -325,6 +400,10 @@ impl Proxy {
             Ok(Ok(Read::Whole(bytes))) => bytes,
         };
 
+        // A caller's signature covers the body as it came, not as it will be normalized.
+        if let Err(e) = self.authenticate(cx, &parts, Some(&bytes)) {
+            return Outcome::refused(e);
+        }
         let checked = decide::body(&cx.rt.config, route, project, &parts.headers, &bytes);
         let allowed = match checked {
             Ok(allowed) => allowed,
@@ -413,8 +492,15 @@ impl Proxy {
             .or_else(|| parts.headers.get(header::HOST).cloned());
         parts.uri = uri;
 
-        // Headers a request signature covers reach the upstream as they came.
-        let signed = policy::signed_headers(&parts.headers);
+        if let Err(e) = self.authenticate(cx, &parts, body.buffered()) {
+            return Outcome::refused(e);
+        }
+        // Headers a caller's signature covers reach the upstream as they came, unless snapguard
+        // signs the request itself.
+        let signed = match rt.signer() {
+            Some(_) => None,
+            None => policy::signed_headers(&parts.headers),
+        };
         let untouchable = |name: &HeaderName| signed.as_ref().is_some_and(|s| s.covers(name));
         strip_hop_by_hop(&mut parts.headers);
         if !untouchable(&header::EXPECT) {
@@ -449,6 +535,19 @@ impl Proxy {
             parts.headers.insert(X_REQUEST_ID, cx.id.clone());
         }
         parts.version = Version::HTTP_11;
+        if let Some(signer) = rt.signer() {
+            // Last, over the headers as they will be sent: the body's hash when it was read
+            // whole, `UNSIGNED-PAYLOAD` when it streams.
+            if let Err(e) = signer.sign(
+                &mut parts,
+                &rt.upstream_host,
+                body.buffered(),
+                SystemTime::now(),
+            ) {
+                return Outcome::refused(Error::Sign(e));
+            }
+            self.metrics.signed();
+        }
 
         // The upstream has `upstream_response` to answer once the request body is sent, and the
         // body may not stall for longer than that on its way.

@@ -25,8 +25,8 @@ use crate::conn::{self, Activity, Closed, Socket};
 use crate::headers;
 use crate::lifetime::Pace;
 use crate::metrics::Metrics;
+use crate::proxy::BuildError;
 use crate::proxy::{Proxy, Runtime};
-use crate::upstream::TlsError;
 
 /// Why snapguard could not start.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +38,7 @@ pub enum StartError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Tls(#[from] TlsError),
+    Runtime(#[from] BuildError),
 }
 
 /// Why a reload was refused; the configuration in force stays.
@@ -47,7 +47,7 @@ pub enum ReloadError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Tls(#[from] TlsError),
+    Runtime(#[from] BuildError),
 }
 
 /// A bound, not yet running snapguard.

@@ -4,8 +4,9 @@
 //! `{"name":"ok","name":"autobk_snapshot_x"}` would be policed on one value and stored with
 //! another. [`validate`] refuses duplicates (compared after unescaping) at every depth, on top of
 //! what serde_json already refuses: a BOM, trailing data, invalid UTF-8, raw control characters,
-//! lone surrogate escapes, and nesting deeper than 128 levels (serde_json's recursion limit,
-//! which also keeps the stack bounded).
+//! lone surrogate escapes, and nesting 128 levels deep or deeper: at most [`MAX_DEPTH`] (127)
+//! arrays and objects inside one another pass. That is serde_json's fixed recursion limit (its
+//! 128th level is refused), which also keeps the stack bounded.
 //!
 //! [`members`] then reads one object level at a time, keeping every value as its raw text, so a
 //! normalized body re-uses the original bytes of every member it does not touch (numbers keep
@@ -17,6 +18,10 @@ use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::value::RawValue;
+
+/// The deepest nesting of arrays and objects that passes [`validate`] (`[[]]` is 2 levels).
+/// serde_json refuses the next level; this names its limit, it does not set it.
+pub const MAX_DEPTH: usize = 127;
 
 /// An object key or string value, borrowed from the input when it had no escapes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -90,7 +95,9 @@ impl<'de> Visitor<'de> for Strict {
         while let Some(key) = map.next_key::<Text<'de>>()? {
             map.next_value::<Strict>()?;
             if let Some(dup) = seen.insert(key) {
-                return Err(de::Error::custom(format_args!("duplicate key {:?}", dup.0)));
+                // A key may be most of the body: quoted in part, as every refused value is.
+                let shown = super::abbreviate(&dup.0);
+                return Err(de::Error::custom(format_args!("duplicate key {shown:?}")));
             }
         }
         Ok(Strict)
@@ -230,6 +237,30 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("duplicate key \"name\""), "{msg}");
         assert!(msg.contains("column"), "{msg}");
+    }
+
+    #[test]
+    fn nesting_passes_up_to_max_depth_and_no_further() {
+        let arrays = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        let objects = |n: usize| format!("{}1{}", "{\"a\":".repeat(n), "}".repeat(n));
+        for nest in [arrays, objects] {
+            assert!(validate(&nest(MAX_DEPTH)).is_ok(), "{MAX_DEPTH} levels");
+            let err = validate(&nest(MAX_DEPTH + 1)).unwrap_err().to_string();
+            assert!(err.contains("recursion limit"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_long_duplicate_key_is_quoted_in_part() {
+        let key = "k".repeat(30_000);
+        let err = validate(&format!("{{\"{key}\":1,\"{key}\":2}}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.len() < 200, "{} bytes: {err:.200}", err.len());
+        assert!(
+            err.contains(&format!("duplicate key \"{}...\"", &key[..64])),
+            "{err}"
+        );
     }
 
     #[test]

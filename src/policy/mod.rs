@@ -87,10 +87,14 @@ pub enum Violation {
     #[error("Missing required element '{0}' in request body.")]
     MissingRoot(String),
     #[error(
-        "Invalid input for field/attribute {root}. Value: {raw}. {raw} is not of type 'object'"
+        "Invalid input for field/attribute {root}. Value: {shown}. {shown} is not of type 'object'",
+        shown = abbreviate(raw)
     )]
     RootNotObject { root: String, raw: String },
-    #[error("Invalid input for field/attribute {field}. Value: {raw}. {raw} is not of type 'string', 'null'")]
+    #[error(
+        "Invalid input for field/attribute {field}. Value: {shown}. {shown} is not of type 'string', 'null'",
+        shown = abbreviate(raw)
+    )]
     FieldType { field: String, raw: String },
     #[error(
         "Invalid input for field/attribute {field}. Value: {shown}. '{shown}' is too long: {bytes} bytes of UTF-8, at most {max} allowed.",
@@ -102,7 +106,10 @@ pub enum Violation {
         bytes: usize,
         max: usize,
     },
-    #[error("Invalid input for field/attribute {field}. Value: {value}. Names starting with '{prefix}' are reserved for automatic backup snapshots.")]
+    #[error(
+        "Invalid input for field/attribute {field}. Value: {shown}. Names starting with '{prefix}' are reserved for automatic backup snapshots.",
+        shown = abbreviate(value)
+    )]
     ReservedPrefix {
         field: String,
         value: String,
@@ -161,6 +168,8 @@ impl Violation {
 }
 
 /// Long values are echoed in errors only in part: the message stays readable and bounded.
+/// Every value a refusal quotes from the body goes through here: a refusal must not cost more
+/// than the request (a 64 KiB value echoed twice would make a 128 KiB answer).
 fn abbreviate(value: &str) -> Cow<'_, str> {
     const SHOWN: usize = 64;
     match value.char_indices().nth(SHOWN) {
@@ -676,6 +685,45 @@ mod tests {
         );
         assert!(for_project(Some("other")).is_err());
         assert!(for_project(None).is_err(), "no project id, no exemption");
+    }
+
+    #[test]
+    fn refusals_quote_at_most_an_abbreviated_value() {
+        let target = Target {
+            route: &default_routes()[0],
+            project: None,
+        };
+        let policy = PolicyConfig {
+            max_field_bytes: 1 << 20,
+            ..PolicyConfig::default()
+        };
+        let list = format!("[{}1]", "1,".repeat(32_000));
+        let long_name = format!("autobk_snapshot_{}", "x".repeat(60_000));
+        let cases = [
+            ("root not an object", format!(r#"{{"snapshot":{list}}}"#)),
+            (
+                "name not a string",
+                format!(r#"{{"snapshot":{{"name":{list}}}}}"#),
+            ),
+            (
+                "long reserved name",
+                format!(r#"{{"snapshot":{{"name":"{long_name}"}}}}"#),
+            ),
+        ];
+        for (what, body) in cases {
+            assert!(body.len() <= 65536, "{what}: {} bytes", body.len());
+            let err = check_body(target, &policy, &[], body.as_bytes(), true).unwrap_err();
+            let message = err.to_string();
+            assert!(message.len() < 512, "{what}: {} bytes", message.len());
+            assert!(message.contains("..."), "{what}: {message}");
+        }
+        // A short value is quoted whole, as Cinder quotes it.
+        let err =
+            check_body(target, &policy, &[], br#"{"snapshot":{"name":5}}"#, true).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "Invalid input for field/attribute name. Value: 5. 5 is not of type 'string', 'null'"
+        );
     }
 
     #[test]
