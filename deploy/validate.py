@@ -1,7 +1,13 @@
 #!/usr/bin/env python3
 """Checks of the deploy files that no off-the-shelf linter makes; run by deploy/validate.sh.
 
-    python3 deploy/validate.py configs OUTDIR   write every embedded snapguard config to OUTDIR
+    python3 deploy/validate.py configs OUTDIR [TLSDIR]
+                                                write every embedded snapguard config to OUTDIR;
+                                                with TLSDIR, the files of their [tls] tables are
+                                                TLSDIR's files of the same names
+    python3 deploy/validate.py without-crds IN OUT
+                                                copy a rendered kustomization without the objects
+                                                of CRDs that have no schema here
     python3 deploy/validate.py build-command    print the Dockerfile's cargo build command
     python3 deploy/validate.py context          the Dockerfile's COPY lines carry all build inputs
     python3 deploy/validate.py consistency      the manifests, Dockerfile and unit agree
@@ -25,6 +31,14 @@ KUBERNETES = Path("deploy/kubernetes")
 SYSTEMD_UNIT = Path("deploy/systemd/snapguard.service")
 SYSTEMD_CONFIG = Path("deploy/systemd/snapguard.toml")
 CONFIG_KEY = "snapguard.toml"
+# Kinds from CRDs (Prometheus Operator, cert-manager) that kubernetes-validate has no schema for;
+# validate.py checks them itself (consistency).
+CRD_KINDS = {"ServiceMonitor": "monitoring.coreos.com/v1", "Certificate": "cert-manager.io/v1"}
+# The [tls] keys that name files.
+TLS_FILE_KEYS = ("cert_file", "key_file", "client_ca_file")
+# SnapguardTLSCertificateExpiresSoon (deploy/prometheus/alerts.yaml) fires at 14 days left; a
+# Certificate must be renewed before that, so that the alert means the renewal failed.
+ALERT_DAYS_LEFT = 14
 
 failures = 0
 
@@ -64,7 +78,24 @@ def embedded_configs():
     return found
 
 
-def cmd_configs(outdir):
+def with_tls_files_in(text, tls_dir):
+    """The config text with each file named in its [tls] table replaced by the file of the same
+    name in tls_dir, line for line (so that check-config's line numbers still hold). The paths
+    in the manifests are where a Secret is mounted in the pod, which does not exist here."""
+    out, table = [], None
+    for line in text.splitlines(keepends=True):
+        header = re.match(r"\s*\[([^\]]+)\]\s*(#.*)?$", line)
+        if header:
+            table = header.group(1).strip()
+        key = re.match(r'(\s*)(%s)(\s*=\s*)"([^"]*)"(.*)$' % "|".join(TLS_FILE_KEYS), line, re.S)
+        if table == "tls" and key:
+            indent, name, eq, path, rest = key.groups()
+            line = f'{indent}{name}{eq}"{Path(tls_dir) / Path(path).name}"{rest}'
+        out.append(line)
+    return "".join(out)
+
+
+def cmd_configs(outdir, tls_dir=None):
     """Writes each config to OUTDIR and prints "LABEL<TAB>FILE" for each."""
     outdir = Path(outdir)
     configs = embedded_configs()
@@ -75,8 +106,23 @@ def cmd_configs(outdir):
     for i, (label, text) in enumerate(configs):
         name = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")
         target = outdir / f"{i:02}-{name}.toml"
+        if tls_dir and "tls" in tomllib.loads(text):
+            text = with_tls_files_in(text, tls_dir)
+            label += f" ([tls] files from {tls_dir})"
         target.write_text(text)
         print(f"{label}\t{target}")
+    return 0
+
+
+def cmd_without_crds(source, target):
+    """Copies a multi-document YAML file without the objects of CRD_KINDS; says which it left."""
+    with open(source) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    kept = [d for d in docs if d.get("kind") not in CRD_KINDS]
+    left = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs if d.get("kind") in CRD_KINDS)
+    with open(target, "w") as f:
+        yaml.safe_dump_all(kept, f, sort_keys=False)
+    print(", ".join(left) if left else "none")
     return 0
 
 
@@ -274,6 +320,16 @@ def check_snapguard_container(where, pod, container, config_maps, sidecar):
     report(image.endswith(":" + cargo_version()), f"{what}: image tag is the crate version {cargo_version()}",
            image)
 
+    # SNAPGUARD_CONFIG names the snapguard.toml of a ConfigMap in the same directory.
+    config_path = Path(env.get("SNAPGUARD_CONFIG", ""))
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    text = None
+    for mount in container.get("volumeMounts", []):
+        if config_path == Path(mount["mountPath"]) / CONFIG_KEY:
+            name = volumes.get(mount["name"], {}).get("configMap", {}).get("name")
+            text = config_maps.get(name)
+    config = tomllib.loads(text) if text is not None else {}
+
     listen_host, listen_port = host_port(env.get("SNAPGUARD_LISTEN"))
     admin_host, admin_port = host_port(env.get("SNAPGUARD_ADMIN"))
     if sidecar:
@@ -281,8 +337,10 @@ def check_snapguard_container(where, pod, container, config_maps, sidecar):
         report(container.get("restartPolicy") == "Always",
                f"{what}: is a native sidecar (initContainers, restartPolicy: Always)")
     else:
-        report(listen_host == "0.0.0.0" and port_number(container, "http") == listen_port,
-               f"{what}: listens on 0.0.0.0 at the port named http", env.get("SNAPGUARD_LISTEN"))
+        # With [tls] the port serves HTTPS, and is named so.
+        port_name = "https" if "tls" in config else "http"
+        report(listen_host == "0.0.0.0" and port_number(container, port_name) == listen_port,
+               f"{what}: listens on 0.0.0.0 at the port named {port_name}", env.get("SNAPGUARD_LISTEN"))
     report(admin_host == "0.0.0.0", f"{what}: admin listens on 0.0.0.0 (kubelet probes the pod IP)",
            env.get("SNAPGUARD_ADMIN"))
 
@@ -306,21 +364,94 @@ def check_snapguard_container(where, pod, container, config_maps, sidecar):
     report({"cpu", "memory"} <= set(res.get("requests", {})) and "memory" in res.get("limits", {}),
            f"{what}: requests CPU and memory, limits memory")
 
-    # SNAPGUARD_CONFIG names the snapguard.toml of a ConfigMap in the same directory.
-    config_path = Path(env.get("SNAPGUARD_CONFIG", ""))
-    volumes = {v["name"]: v for v in pod.get("volumes", [])}
-    text = None
-    for mount in container.get("volumeMounts", []):
-        if config_path == Path(mount["mountPath"]) / CONFIG_KEY:
-            name = volumes.get(mount["name"], {}).get("configMap", {}).get("name")
-            text = config_maps.get(name)
     report(text is not None, f"{what}: SNAPGUARD_CONFIG is the {CONFIG_KEY} of a ConfigMap mounted from "
            "this directory", str(config_path))
     if text is not None:
-        config = tomllib.loads(text)
         report("listen" not in config and "admin" not in config,
                f"{what}: its config leaves listen/admin to the environment, which would override them")
+        check_tls_files(what, pod, container, config.get("tls"))
     return text
+
+
+def check_tls_files(what, pod, container, tls):
+    """Each file of [tls] is a key of a Secret volume mounted as a directory: never through a
+    subPath mount, which the kubelet does not update (a renewed certificate would never reach
+    snapguard), and not world-readable."""
+    if not tls:
+        return
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    secrets = {}
+    for key in TLS_FILE_KEYS:
+        if key not in tls:
+            continue
+        path = Path(tls[key])
+        mounts = [m for m in container.get("volumeMounts", []) if Path(m["mountPath"]) == path.parent]
+        secret = volumes.get(mounts[0]["name"], {}).get("secret") if len(mounts) == 1 else None
+        ok = secret is not None and "subPath" not in mounts[0] and "subPathExpr" not in mounts[0]
+        items = (secret or {}).get("items")
+        if ok and items is not None:
+            ok = any(i.get("path") == path.name for i in items)
+        report(ok, f"{what}: tls.{key} {path} is a file of a Secret volume mounted as a directory "
+               "(no subPath, which would never be updated)")
+        if secret is not None:
+            secrets[secret.get("secretName")] = secret
+    for name, secret in secrets.items():
+        mode = secret.get("defaultMode", 0o644)
+        report(mode & 0o007 == 0, f"{what}: the Secret {name} is mounted not world-readable",
+               f"defaultMode {mode:o}")
+        if mode & 0o070:
+            report(pod.get("securityContext", {}).get("fsGroup") is not None,
+                   f"{what}: fsGroup is set, so the group-readable Secret {name} is readable")
+
+
+def secret_names(docs):
+    """The Secrets the pods of these Deployments mount, by name."""
+    names = set()
+    for deployment in docs.get("Deployment", []):
+        for volume in deployment["spec"]["template"]["spec"].get("volumes", []):
+            if "secret" in volume:
+                names.add(volume["secret"].get("secretName"))
+    return names
+
+
+# cert-manager.io/v1 Certificate spec fields (cert-manager 1.15): a misspelt one fails here,
+# since no schema checks it.
+CERTIFICATE_FIELDS = {
+    "subject", "literalSubject", "commonName", "duration", "renewBefore", "renewBeforePercentage",
+    "dnsNames", "ipAddresses", "uris", "otherNames", "emailAddresses", "secretName",
+    "secretTemplate", "keystores", "issuerRef", "isCA", "usages", "privateKey",
+    "encodeUsagesInRequest", "revisionHistoryLimit", "additionalOutputFormats", "nameConstraints",
+}
+PRIVATE_KEY_FIELDS = {"rotationPolicy", "encoding", "algorithm", "size"}
+ISSUER_REF_FIELDS = {"name", "kind", "group"}
+
+
+def check_certificates(where, docs):
+    mounted = secret_names(docs)
+    services = [s["metadata"]["name"] for s in docs.get("Service", [])]
+    for cert in docs.get("Certificate", []):
+        name = cert["metadata"]["name"]
+        what = f"{where}: Certificate {name}"
+        spec = cert.get("spec", {})
+        report(cert.get("apiVersion") == CRD_KINDS["Certificate"], f"{what}: apiVersion {CRD_KINDS['Certificate']}",
+               cert.get("apiVersion"))
+        unknown = sorted(set(spec) - CERTIFICATE_FIELDS)
+        unknown += [f"privateKey.{k}" for k in sorted(set(spec.get("privateKey", {})) - PRIVATE_KEY_FIELDS)]
+        unknown += [f"issuerRef.{k}" for k in sorted(set(spec.get("issuerRef", {})) - ISSUER_REF_FIELDS)]
+        report(not unknown, f"{what}: only cert-manager v1 fields", ", ".join(unknown))
+        report(bool(spec.get("issuerRef", {}).get("name")), f"{what}: names an issuer")
+        report(spec.get("secretName") in mounted,
+               f"{what}: writes a Secret the Deployment mounts ({spec.get('secretName')})", str(sorted(mounted)))
+        dns = spec.get("dnsNames", [])
+        for service in services:
+            report(service in dns and any(d.startswith(f"{service}.") and ".svc" in d for d in dns),
+                   f"{what}: covers the Service {service} by its short and .svc names", str(dns))
+        report("server auth" in spec.get("usages", ["server auth"]), f"{what}: usable for server auth")
+        duration = parse_duration(spec.get("duration", "2160h"))
+        renew = parse_duration(spec.get("renewBefore", "720h")) if "renewBefore" in spec else duration / 3
+        report(ALERT_DAYS_LEFT * 86400 < renew < duration,
+               f"{what}: renewed before the expiry alert's {ALERT_DAYS_LEFT} days and within its lifetime",
+               f"renewBefore {renew / 86400:g}d, duration {duration / 86400:g}d")
 
 
 def check_directory(directory):
@@ -389,6 +520,8 @@ def check_directory(directory):
                f"{where}: HorizontalPodAutoscaler {hpa['metadata']['name']} targets {target['kind']} "
                f"{target['name']} of this directory")
 
+    check_certificates(where, docs)
+
     for monitor in docs.get("ServiceMonitor", []):
         services = [s for s in docs.get("Service", [])
                     if subset(monitor["spec"]["selector"]["matchLabels"], s["metadata"].get("labels", {}))]
@@ -432,9 +565,40 @@ def check_systemd():
     report(stop > grace, f"systemd: TimeoutStopSec {stop:g}s > shutdown_grace {grace:g}s")
 
 
+def check_egress_policies():
+    """The NetworkPolicies beside the kustomizations (networkpolicy-egress.yaml) let pods reach
+    the gateway's pods on the port snapguard listens on: a policy sees the pod's port, not the
+    Service's."""
+    gateways = []
+    for path in manifest_files(KUBERNETES / "gateway"):
+        for doc in documents(path):
+            if doc.get("kind") == "Deployment":
+                pod = doc["spec"]["template"]
+                for c in pod["spec"].get("containers", []):
+                    listen = host_port(env_of(c).get("SNAPGUARD_LISTEN"))[1]
+                    if "snapguard" in c.get("image", "") and listen:
+                        gateways.append((pod["metadata"]["labels"], listen))
+    for path in sorted(KUBERNETES.glob("*.yaml")):
+        for doc in documents(path):
+            if doc.get("kind") != "NetworkPolicy":
+                continue
+            what = f"{path}: NetworkPolicy {doc['metadata']['name']}"
+            rules = [r for r in doc["spec"].get("egress", [])
+                     if any(subset(p.get("podSelector", {}).get("matchLabels"), labels)
+                            and p.get("podSelector", {}).get("matchLabels")
+                            for p in r.get("to", []) for labels, _ in gateways)]
+            report(len(rules) == 1, f"{what}: one egress rule for the gateway's pods")
+            ports = {p.get("port") for r in rules for p in r.get("ports", [])}
+            listen = {port for _, port in gateways}
+            report(bool(ports) and ports <= listen | {"https"},
+                   f"{what}: allows the gateway on the port snapguard listens on {sorted(listen)}",
+                   str(sorted(ports, key=str)))
+
+
 def cmd_consistency():
     for directory in sorted(p for p in KUBERNETES.iterdir() if (p / "kustomization.yaml").exists()):
         check_directory(directory)
+    check_egress_policies()
     check_dockerfile()
     check_systemd()
     return 1 if failures else 0
@@ -442,12 +606,14 @@ def cmd_consistency():
 
 def main(argv):
     commands = {
-        "configs": lambda: cmd_configs(argv[2]),
+        "configs": lambda: cmd_configs(*argv[2:4]),
+        "without-crds": lambda: cmd_without_crds(argv[2], argv[3]),
         "build-command": cmd_build_command,
         "context": cmd_context,
         "consistency": cmd_consistency,
     }
-    if len(argv) < 2 or argv[1] not in commands or (argv[1] == "configs" and len(argv) != 3):
+    arity = {"configs": (3, 4), "without-crds": (4,)}
+    if len(argv) < 2 or argv[1] not in commands or len(argv) not in arity.get(argv[1], (len(argv),)):
         print(__doc__, file=sys.stderr)
         return 2
     return commands[argv[1]]()

@@ -8,7 +8,8 @@
 #   docker context  the Dockerfile's COPY lines and /.dockerignore carry every build input
 #   consistency     selectors, ports, probes, drain timings, versions (deploy/validate.py)
 #   check-config    `snapguard check-config` on every config embedded in a ConfigMap, and on
-#                   deploy/systemd/snapguard.toml
+#                   deploy/systemd/snapguard.toml; the files of a [tls] table (a Secret mounted
+#                   in the pod) stand for a throwaway pair made here with openssl
 #   systemd         systemd-analyze verify, and the sandbox's exposure score
 #   cargo build     the Dockerfile's own `RUN cargo build ...` command, from the repository root
 #
@@ -127,13 +128,15 @@ kube_validate() {
 }
 
 echo "== kubernetes-validate (Kubernetes $KUBERNETES_VERSION schemas, strict)"
-# Every manifest but the kustomizations (kustomize's input, not an API object) and the
+# Every manifest but the kustomizations (kustomize's input, not an API object), the
 # ServiceMonitors (a Prometheus Operator CRD with no schema here; validate.py checks that
-# they select the Service and name its admin port).
+# they select the Service and name its admin port) and the cert-manager Certificates (likewise;
+# validate.py checks their fields, and that they write the Secret the Deployment mounts).
 mapfile -t manifests < <(find deploy/kubernetes -name '*.yaml' ! -name kustomization.yaml | sort)
 for manifest in "${manifests[@]}"; do
-  if grep -q '^kind: ServiceMonitor$' "$manifest"; then
-    skip "kubernetes-validate $manifest (ServiceMonitor: no schema; see consistency)"
+  crd=$(grep -m1 -oE '^kind: (ServiceMonitor|Certificate)$' "$manifest" || true)
+  if [ -n "$crd" ]; then
+    skip "kubernetes-validate $manifest (${crd#kind: }: a CRD, no schema; see consistency)"
     continue
   fi
   check "kubernetes-validate $manifest" kube_validate "$manifest"
@@ -147,8 +150,11 @@ for kustomization in deploy/kubernetes/*/kustomization.yaml; do
     continue
   fi
   rendered="$tmp/$(basename "$dir").yaml"
-  if kubectl kustomize "$dir" >"$rendered" 2>"$tmp/log"; then
-    check "kubectl kustomize $dir | kubernetes-validate" kube_validate "$rendered"
+  if kubectl kustomize "$dir" >"$rendered.all" 2>"$tmp/log"; then
+    # Objects of CRDs (no schema here) are left out, and named.
+    left=$("$PYTHON" deploy/validate.py without-crds "$rendered.all" "$rendered")
+    check "kubectl kustomize $dir | kubernetes-validate (CRD objects left out: $left)" \
+      kube_validate "$rendered"
   else
     fail "kubectl kustomize $dir"
     sed 's/^/      /' "$tmp/log"
@@ -170,9 +176,23 @@ echo "== consistency of manifests, Dockerfile and unit"
 # ---- snapguard check-config -----------------------------------------------------------------
 
 echo "== snapguard check-config ($SNAPGUARD)"
+# The [tls] files of the embedded configs are where a Secret is mounted in the pod; here they
+# are a throwaway self-signed pair (and CA) under the same names, so that check-config, which
+# may load them, judges the rest of the config.
+tls_dir="$tmp/tls"
+mkdir "$tls_dir"
+if command -v openssl >/dev/null &&
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=snapguard \
+    -addext subjectAltName=DNS:snapguard -keyout "$tls_dir/tls.key" -out "$tls_dir/tls.crt" \
+    >"$tmp/log" 2>&1; then
+  cp "$tls_dir/tls.crt" "$tls_dir/ca.crt"
+else
+  fail "openssl: cannot make a throwaway TLS pair for the configs' [tls] files"
+  sed 's/^/      /' "$tmp/log"
+fi
 if [ ! -x "$SNAPGUARD" ]; then
   fail "snapguard check-config: $SNAPGUARD is not an executable (run cargo build, or set SNAPGUARD)"
-elif "$PYTHON" deploy/validate.py configs "$tmp" >"$tmp/configs" 2>"$tmp/log"; then
+elif "$PYTHON" deploy/validate.py configs "$tmp" "$tls_dir" >"$tmp/configs" 2>"$tmp/log"; then
   while IFS=$'\t' read -r label file; do
     check "snapguard check-config $label" "$SNAPGUARD" check-config "$file"
   done <"$tmp/configs"

@@ -57,6 +57,8 @@ pub struct Exchange {
     pub request_id: HeaderValue,
     /// The caller's access key, when its signature was verified.
     pub caller: Option<String>,
+    /// The subject of the client certificate, with mutual TLS.
+    pub client: Option<Arc<str>>,
     pub upstream: Option<Duration>,
     /// Request body bytes received, counted as the request body streams or is read.
     pub bytes_in: Arc<Progress>,
@@ -93,6 +95,7 @@ impl Drop for Exchange {
             upstream_ms = self.upstream.map_or(-1.0, |d| d.as_secs_f64() * 1000.0),
             request_id = self.request_id.to_str().unwrap_or("-"),
             caller = self.caller.as_deref().unwrap_or("-"),
+            client = self.client.as_deref().unwrap_or("-"),
         );
     }
 }

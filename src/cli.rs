@@ -46,7 +46,8 @@ pub struct Cli {
         long,
         env = "SNAPGUARD_LISTEN",
         hide_env_values = true,
-        value_name = "ADDR"
+        value_name = "ADDR",
+        value_parser = crate::config::parse_listen_addr
     )]
     pub listen: Option<std::net::SocketAddr>,
     /// Upstream base URL, http:// or https:// [default: http://127.0.0.1:8776].
@@ -62,7 +63,8 @@ pub struct Cli {
         long,
         env = "SNAPGUARD_ADMIN",
         hide_env_values = true,
-        value_name = "ADDR"
+        value_name = "ADDR",
+        value_parser = crate::config::parse_listen_addr
     )]
     pub admin: Option<std::net::SocketAddr>,
     /// Log format: text, or one JSON object a line [default: text].

@@ -21,8 +21,10 @@ use crate::route::Route;
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Downstream listener for proxied traffic.
+    #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// Admin listener (`/healthz`, `/readyz`, `/metrics`).
+    #[serde(deserialize_with = "socket_addr")]
     pub admin: SocketAddr,
     /// Worker threads of the runtime; 0 means one per CPU. Changes need a restart.
     pub workers: usize,
@@ -33,6 +35,8 @@ pub struct Config {
     pub limits: Limits,
     pub log: LogConfig,
     pub errors: ErrorsConfig,
+    /// TLS termination downstream; plain HTTP without it.
+    pub tls: Option<crate::tls::TlsConfig>,
     /// The policed routes. When present in a file it replaces the built-in table whole.
     #[serde(default = "crate::route::default_routes")]
     pub routes: Vec<Route>,
@@ -53,6 +57,7 @@ impl Default for Config {
             limits: Limits::default(),
             log: LogConfig::default(),
             errors: ErrorsConfig::default(),
+            tls: None,
             routes: crate::route::default_routes(),
             rules: Vec::new(),
         }
@@ -168,13 +173,46 @@ impl Default for PolicyConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ForwardingConfig {
-    /// Append the peer to X-Forwarded-For and set X-Forwarded-Proto and X-Forwarded-Host.
+    /// Set X-Forwarded-For, -Proto, -Host and Forwarded for the upstream.
     pub x_forwarded: bool,
+    /// Peers (CIDRs) whose forwarding headers are kept and appended to; anyone else's are
+    /// overwritten.
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// An address range, `10.0.0.0/8`, or one address, `10.0.0.7`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Cidr(pub ipnet::IpNet);
+
+impl TryFrom<String> for Cidr {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        text.parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map(Cidr)
+            .map_err(|_| format!("{text:?} is not an address or an address range like 10.0.0.0/8"))
+    }
 }
 
 impl Default for ForwardingConfig {
     fn default() -> Self {
-        Self { x_forwarded: true }
+        Self {
+            x_forwarded: true,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+impl ForwardingConfig {
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        // An IPv4 peer on a dual-stack socket shows as ::ffff:a.b.c.d.
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.trusted_proxies.iter().any(|net| net.0.contains(&ip))
     }
 }
 
@@ -330,8 +368,65 @@ pub enum ConfigError {
     },
     #[error("invalid config: {0}")]
     Parse(#[from] toml::de::Error),
-    #[error("invalid config: {key}: {reason}")]
-    Invalid { key: &'static str, reason: String },
+    /// Every problem found, not only the first, each with where it is when it is in a file.
+    #[error("{}", Problems(.0))]
+    Invalid(Vec<Problem>),
+    /// A file the configuration points at (a TLS certificate, a signing key) does not load.
+    #[error("{0}")]
+    Files(String),
+}
+
+/// One thing wrong with a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The key, as a path: `policy.max_body_bytes`, `rules[1].routes[0]`; empty when unknown.
+    pub key: String,
+    pub reason: String,
+    /// Line and column (from 1) in the file, when the key is written in it.
+    pub at: Option<(usize, usize)>,
+}
+
+impl Problem {
+    fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            reason: reason.into(),
+            at: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.key.is_empty(), self.at) {
+            (false, Some((line, column))) => {
+                write!(f, "{} (line {line}, column {column})", self.key)?
+            }
+            (false, None) => f.write_str(&self.key)?,
+            (true, Some((line, column))) => write!(f, "line {line}, column {column}")?,
+            (true, None) => return f.write_str(&self.reason),
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+/// The problems of a config, one a line when there are several.
+struct Problems<'a>(&'a [Problem]);
+
+impl std::fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            [one] => write!(f, "invalid config: {one}"),
+            many => {
+                write!(f, "invalid config, {} errors:", many.len())?;
+                for problem in many {
+                    // A reason may span lines (a regex error draws a caret): keep them indented.
+                    write!(f, "\n  {}", problem.to_string().replace('\n', "\n    "))?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 impl Config {
@@ -344,39 +439,57 @@ impl Config {
         Self::from_toml(&text)
     }
 
-    /// Parses and validates TOML text.
+    /// Loads the files the configuration points at, as start-up will: the TLS certificate, key
+    /// and client CA, and the signing keys. `check-config` runs it too, so that a key that does
+    /// not match its certificate fails there, not at the first restart.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        if let Some(tls) = &self.tls {
+            crate::tls::load(tls).map_err(|e| ConfigError::Files(format!("[tls]: {e}")))?;
+        }
+        if let Some(signing) = &self.upstream.signing {
+            crate::signing::Signer::new(signing.clone())
+                .map_err(|e| ConfigError::Files(format!("[upstream.signing]: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Parses and validates TOML text. Errors carry the line and column of their key.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text)?;
-        config.validate()?;
+        let config: Config = match toml::from_str(text) {
+            Ok(config) => config,
+            Err(e) => return Err(position::table_errors(text, &e).unwrap_or(e.into())),
+        };
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid(problems) => {
+                ConfigError::Invalid(position::locate(text, problems))
+            }
+            other => other,
+        })?;
         Ok(config)
     }
 
-    /// Checks what no single key can check on its own.
+    /// Checks what no single key can check on its own, and reports every problem at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, reason: &str| {
-            Err(ConfigError::Invalid {
-                key,
-                reason: reason.to_owned(),
-            })
-        };
+        let mut problems = Vec::new();
+        let mut invalid = |key: &str, reason: &str| problems.push(Problem::new(key, reason));
         let p = &self.policy;
         if p.max_body_bytes == 0 {
-            return invalid("policy.max_body_bytes", "must be greater than 0");
+            invalid("policy.max_body_bytes", "must be greater than 0");
         }
         if p.max_field_bytes == 0 {
-            return invalid("policy.max_field_bytes", "must be greater than 0");
+            invalid("policy.max_field_bytes", "must be greater than 0");
         }
         if p.reserved_prefixes.iter().any(String::is_empty) {
-            return invalid(
+            invalid(
                 "policy.reserved_prefixes",
                 "an empty prefix would reserve every name",
             );
         }
         if self.limits.max_connections == 0 {
-            return invalid("limits.max_connections", "must be greater than 0");
+            invalid("limits.max_connections", "must be greater than 0");
         }
         if self.limits.max_upstream_connections == 0 {
-            return invalid("limits.max_upstream_connections", "must be greater than 0");
+            invalid("limits.max_upstream_connections", "must be greater than 0");
         }
         let t = &self.timeouts;
         // Zero would refuse every request, close every connection after one, or panic a
@@ -392,67 +505,81 @@ impl Config {
             ("timeouts.upstream_queue", t.upstream_queue),
         ] {
             if value.is_zero() {
-                return invalid(key, "must be greater than 0s");
+                invalid(key, "must be greater than 0s");
             }
         }
         if self.limits.buffer_memory < self.limits.buffer_response_body {
-            return invalid(
+            invalid(
                 "limits.buffer_memory",
                 "must be at least limits.buffer_response_body",
             );
         }
         // hyper refuses buffers under 8 KiB; say so here rather than panic at start.
         if self.limits.max_header_bytes < 8192 {
-            return invalid("limits.max_header_bytes", "must be at least 8192");
+            invalid("limits.max_header_bytes", "must be at least 8192");
+        }
+        if let Some(tls) = &self.tls {
+            if tls.handshake_timeout.is_zero() {
+                invalid("tls.handshake_timeout", "must be greater than 0s");
+            }
+            if tls.reload_interval.is_zero() {
+                invalid("tls.reload_interval", "must be greater than 0s");
+            }
         }
         if let Some(signing) = &self.upstream.signing {
             use crate::signing::Downstream;
             // Otherwise anyone who can reach snapguard signs with the cloud's key.
             if signing.downstream == Downstream::None && !self.listen.ip().is_loopback() {
-                return invalid(
+                invalid(
                     "upstream.signing.downstream",
                     "\"none\" lends the cloud key to anyone who can connect: listen on a loopback \
                      address, or set downstream = \"verify\" with [[upstream.signing.clients]]",
                 );
             }
             if signing.downstream == Downstream::Verify && signing.clients.is_empty() {
-                return invalid(
+                invalid(
                     "upstream.signing.clients",
                     "downstream = \"verify\" needs at least one [[upstream.signing.clients]] key",
                 );
             }
             if signing.reload_interval.is_zero() {
-                return invalid(
+                invalid(
                     "upstream.signing.reload_interval",
                     "must be greater than 0s",
                 );
             }
             if self.upstream.preserve_host {
-                return invalid(
+                invalid(
                     "upstream.preserve_host",
                     "a re-signed request is signed for the upstream's Host",
                 );
             }
         }
         if self.upstream.ca_file.is_some() && self.upstream.url.scheme != http::uri::Scheme::HTTPS {
-            return invalid("upstream.ca_file", "is only used with an https:// upstream");
+            invalid("upstream.ca_file", "is only used with an https:// upstream");
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return invalid(
+            invalid(
                 "log.level",
                 &format!("{:?} is not a log filter: {e}", self.log.level),
             );
         }
         let mut names: Vec<&str> = Vec::new();
-        for rule in &self.rules {
-            if names.contains(&&*rule.name) || rule.name.as_ref() == "reserved_prefix" {
-                return Err(ConfigError::Invalid {
-                    key: "rules",
-                    reason: format!(
-                        "rule name '{}' is used twice (reserved_prefix is built in)",
+        for (i, rule) in self.rules.iter().enumerate() {
+            if rule.name.as_ref() == "reserved_prefix" {
+                invalid(
+                    &format!("rules[{i}].name"),
+                    "'reserved_prefix' is the built-in rule's name: give this rule another",
+                );
+            } else if names.contains(&&*rule.name) {
+                invalid(
+                    &format!("rules[{i}].name"),
+                    &format!(
+                        "rule name '{}' is used twice: a name labels the rule's refusals and \
+                         metrics, so each must differ",
                         rule.name
                     ),
-                });
+                );
             }
             names.push(&rule.name);
             let policed = |field: &String| {
@@ -460,28 +587,59 @@ impl Config {
                     .iter()
                     .any(|r| r.name_fields.contains(field) || r.description_fields.contains(field))
             };
-            if let Some(field) = rule.listed_fields().iter().find(|f| !policed(f)) {
-                return Err(ConfigError::Invalid {
-                    key: "rules",
-                    reason: format!("rule '{}': no route polices the field {field:?}", rule.name),
-                });
+            for field in rule.listed_fields().iter().filter(|f| !policed(f)) {
+                invalid(
+                    &format!("rules[{i}].fields"),
+                    &format!("rule '{}': no route polices the field {field:?}", rule.name),
+                );
             }
-            for template in rule.routes.iter().flatten() {
+            for (k, template) in rule.routes.iter().flatten().enumerate() {
                 if !self.routes.iter().any(|r| *r.template == **template) {
-                    return Err(ConfigError::Invalid {
-                        key: "rules",
-                        reason: format!(
-                            "rule '{}': {template} is not a route of the table",
-                            rule.name
+                    invalid(
+                        &format!("rules[{i}].routes[{k}]"),
+                        &format!(
+                            "rule '{}': {template} is not a route of the table{}",
+                            rule.name,
+                            self.valid_templates(template)
                         ),
-                    });
+                    );
                 }
             }
         }
         if self.listen == self.admin {
-            return invalid("admin", "must differ from listen");
+            invalid("admin", "must differ from listen");
         }
-        Ok(())
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// What a rule's `routes` may name instead of `unknown`: the nearest template when one has
+    /// the same shape (parameters named otherwise, a slash more or less), and all of them.
+    fn valid_templates(&self, unknown: &str) -> String {
+        let shape = |template: &str| -> Vec<String> {
+            template
+                .split('/')
+                .filter(|s| !s.is_empty())
+                .map(|s| match s.starts_with('{') && s.ends_with('}') {
+                    true => "{}".to_owned(),
+                    false => s.to_ascii_lowercase(),
+                })
+                .collect()
+        };
+        let templates: Vec<&str> = self.routes.iter().map(|r| r.template).collect();
+        let near = templates
+            .iter()
+            .find(|t| shape(t) == shape(unknown))
+            .map(|t| format!(" (did you mean {t}?)"))
+            .unwrap_or_default();
+        format!(
+            "{near}; a rule names routes by their path as written in [[routes]] (or in the \
+             built-in table): {}",
+            templates.join(", ")
+        )
     }
 }
 
@@ -504,6 +662,179 @@ fn status_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u16, String>, 
             ))),
         })
         .collect()
+}
+
+/// `listen` and `admin` (and their flags): an IP address and a port. A host name is refused
+/// rather than resolved, since which of its addresses to bind would be a guess.
+pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let example = "e.g. 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080";
+    Err(if text.parse::<std::net::Ipv4Addr>().is_ok() {
+        format!("{text:?} has no port: listen and admin take an IP:port, {example}")
+    } else if text.matches(':').count() > 1 && !text.starts_with('[') {
+        format!(
+            "{text:?}: an IPv6 address goes in brackets, then its port: listen and admin take \
+             an IP:port, {example}"
+        )
+    } else {
+        format!(
+            "{text:?} is not an IP address and port: listen and admin take an IP:port, {example}, \
+             not a host name"
+        )
+    })
+}
+
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_listen_addr(&text).map_err(serde::de::Error::custom)
+}
+
+/// Where in the file a problem is: the line and column of its key, found in the parsed
+/// document (whose every key and value keeps its byte span).
+mod position {
+    use toml::de::{DeTable, DeValue};
+    use toml::Spanned;
+
+    use super::Problem;
+    use crate::policy::Rule;
+    use crate::route::Route;
+
+    /// Gives each problem whose key is written in `text` its line and column.
+    pub fn locate(text: &str, mut problems: Vec<Problem>) -> Vec<Problem> {
+        if let Ok(doc) = DeTable::parse(text) {
+            for problem in &mut problems {
+                problem.at = find(doc.get_ref(), &problem.key).map(|span| line_column(text, span));
+            }
+        }
+        problems
+    }
+
+    /// toml stops at the first bad `[[rules]]` or `[[routes]]` table, and points at the first
+    /// table's header whichever one it was. Deserialized alone, each table says whether it is
+    /// bad and where: every bad one is reported, at its key when the message names one.
+    /// `None` when the error is not in one of those tables.
+    pub fn table_errors(text: &str, error: &toml::de::Error) -> Option<super::ConfigError> {
+        let doc = DeTable::parse(text).ok()?;
+        let mut problems = Vec::new();
+        for name in ["routes", "rules"] {
+            let Some(DeValue::Array(items)) = doc.get_ref().get(name).map(Spanned::get_ref) else {
+                continue;
+            };
+            for (i, item) in items.iter().enumerate() {
+                let de = || toml::de::ValueDeserializer::from(item.clone());
+                let failed = match name {
+                    "routes" => <Route as serde::Deserialize>::deserialize(de()).err(),
+                    _ => <Rule as serde::Deserialize>::deserialize(de()).err(),
+                };
+                if let Some(e) = failed {
+                    let (key, span) = key_of(item, &e);
+                    let key = match key {
+                        Some(key) => format!("{name}[{i}].{key}"),
+                        None => format!("{name}[{i}]"),
+                    };
+                    let mut problem = Problem::new(key, e.message());
+                    problem.at = Some(line_column(text, span));
+                    problems.push(problem);
+                }
+            }
+        }
+        if problems.is_empty() {
+            return None;
+        }
+        // The error toml stopped at, when it is not one of these.
+        if !problems.iter().any(|p| p.reason == error.message()) {
+            let mut first = Problem::new("", error.message());
+            first.at = error.span().map(|span| line_column(text, span));
+            problems.insert(0, first);
+        }
+        Some(super::ConfigError::Invalid(problems))
+    }
+
+    /// The key of a bad table that an error is about, and where to point: the key toml
+    /// pointed at, else the first key the message names after its "rule 'x': " or
+    /// "route /path: " prefix, else the table's header.
+    fn key_of(
+        item: &Spanned<DeValue<'_>>,
+        error: &toml::de::Error,
+    ) -> (Option<String>, std::ops::Range<usize>) {
+        let DeValue::Table(table) = item.get_ref() else {
+            return (None, error.span().unwrap_or(item.span()));
+        };
+        if let Some(span) = error.span() {
+            let key = table.iter().find(|(k, v)| {
+                k.span().start <= span.start && span.end <= v.span().end.max(k.span().end)
+            });
+            return (key.map(|(k, _)| k.get_ref().to_string()), span);
+        }
+        let message = error.message();
+        let reason = message.split_once(": ").map_or(message, |(_, r)| r);
+        let named = reason
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .find_map(|word| {
+                table.iter().find(|(k, _)| {
+                    let k: &str = k.get_ref();
+                    word == k || Some(word) == k.strip_suffix('s')
+                })
+            });
+        match named {
+            Some((k, v)) => (Some(k.get_ref().to_string()), v.span()),
+            None => (None, item.span()),
+        }
+    }
+
+    /// The span of the value at `key` (`a.b`, `rules[2].routes[0]`), if the file writes it.
+    fn find(doc: &DeTable<'_>, key: &str) -> Option<std::ops::Range<usize>> {
+        let mut parts = key.split('.');
+        let (name, indexes) = split_indexes(parts.next()?)?;
+        let mut value = doc.get(name)?;
+        for i in indexes {
+            value = index(value, i)?;
+        }
+        for part in parts {
+            let (name, indexes) = split_indexes(part)?;
+            let DeValue::Table(table) = value.get_ref() else {
+                return None;
+            };
+            value = table.get(name)?;
+            for i in indexes {
+                value = index(value, i)?;
+            }
+        }
+        Some(value.span())
+    }
+
+    fn index<'v, 'i>(
+        value: &'v Spanned<DeValue<'i>>,
+        i: usize,
+    ) -> Option<&'v Spanned<DeValue<'i>>> {
+        match value.get_ref() {
+            DeValue::Array(items) => items.get(i),
+            _ => None,
+        }
+    }
+
+    /// `routes[0][1]` -> `routes`, [0, 1].
+    fn split_indexes(part: &str) -> Option<(&str, Vec<usize>)> {
+        let (name, rest) = part.split_once('[').unwrap_or((part, ""));
+        let indexes = rest
+            .split('[')
+            .filter(|s| !s.is_empty())
+            .map(|s| s.trim_end_matches(']').parse().ok())
+            .collect::<Option<Vec<_>>>()?;
+        Some((name, indexes))
+    }
+
+    /// Line and column, from 1, of a byte offset; columns count characters, as toml's do.
+    fn line_column(text: &str, span: std::ops::Range<usize>) -> (usize, usize) {
+        let before = &text[..span.start.min(text.len())];
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        (
+            before.matches('\n').count() + 1,
+            before[line_start..].chars().count() + 1,
+        )
+    }
 }
 
 #[cfg(test)]
@@ -580,5 +911,78 @@ mod tests {
         assert_eq!(c.policy.max_body_bytes, d.policy.max_body_bytes);
         assert_eq!(c.timeouts.upstream_response, d.timeouts.upstream_response);
         assert_eq!(c.routes, d.routes);
+    }
+
+    fn problems(text: &str) -> Vec<Problem> {
+        match Config::from_toml(text) {
+            Err(ConfigError::Invalid(problems)) => problems,
+            other => panic!("{text:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_validation_problem_is_reported_at_its_key() {
+        let got = problems("[limits]\nmax_connections = 0\nmax_header_bytes = 100\n");
+        let at: Vec<_> = got.iter().map(|p| (p.key.as_str(), p.at)).collect();
+        assert_eq!(
+            at,
+            [
+                ("limits.max_connections", Some((2, 19))),
+                ("limits.max_header_bytes", Some((3, 20)))
+            ]
+        );
+        // A key the file does not write has no position: here, a default.
+        let mut c = Config::default();
+        c.admin = c.listen;
+        let Err(ConfigError::Invalid(got)) = c.validate() else {
+            panic!("listen = admin passed");
+        };
+        assert_eq!(got, [Problem::new("admin", "must differ from listen")]);
+        assert_eq!(
+            ConfigError::Invalid(got).to_string(),
+            "invalid config: admin: must differ from listen"
+        );
+    }
+
+    #[test]
+    fn each_bad_rules_table_is_reported_not_only_the_first() {
+        let rule = |name: &str, extra: &str| {
+            format!("[[rules]]\nname = \"{name}\"\n{extra}\nmessage = \"m\"\n")
+        };
+        let text = [
+            rule("ok", "max_chars = 1"),
+            rule("none", ""),
+            rule(
+                "both",
+                "max_chars = 1\nprojects = [\"a\"]\nexcept_projects = [\"b\"]",
+            ),
+        ]
+        .concat();
+        let got = problems(&text);
+        let at: Vec<_> = got.iter().map(|p| (p.key.as_str(), p.at)).collect();
+        // The table's header when the message names none of its keys.
+        assert_eq!(
+            at,
+            [
+                ("rules[1]", Some((5, 1))),
+                ("rules[2].projects", Some((12, 12)))
+            ]
+        );
+    }
+
+    #[test]
+    fn listen_addresses_are_an_ip_and_a_port() {
+        assert!(parse_listen_addr("[::1]:8080").is_ok());
+        for (text, says) in [
+            ("localhost:8080", "not a host name"),
+            ("10.0.0.1", "has no port"),
+            ("::1:8080", "an IPv6 address goes in brackets"),
+        ] {
+            let err = parse_listen_addr(text).unwrap_err();
+            assert!(
+                err.contains(says) && err.contains("127.0.0.1:8080"),
+                "{err}"
+            );
+        }
     }
 }

@@ -44,7 +44,14 @@ pub struct Activity {
     responding: Notify,
     /// Set when the connection is cut: its socket is reset when dropped.
     reset: AtomicBool,
+    /// Requests abandoned before their response (HTTP/2 streams reset by the peer).
+    abandoned: AtomicU64,
 }
+
+/// Abandoned requests a connection may have before it is cut, if they are also most of its
+/// requests: a client that resets every stream right after sending it (the rapid-reset pattern)
+/// costs the upstream a request each time, the client almost nothing.
+const ABANDON_BUDGET: u64 = 100;
 
 impl Activity {
     pub fn new() -> Arc<Self> {
@@ -60,6 +67,7 @@ impl Activity {
             taken_ms: AtomicU64::new(0),
             responding: Notify::new(),
             reset: AtomicBool::new(false),
+            abandoned: AtomicU64::new(0),
         })
     }
 
@@ -71,6 +79,12 @@ impl Activity {
             activity: self.clone(),
             relay: None,
         }
+    }
+
+    /// Whether the peer abandons more requests than it lets finish, past the budget.
+    fn abandons_too_many(&self) -> bool {
+        let abandoned = self.abandoned.load(Ordering::Acquire);
+        abandoned > ABANDON_BUDGET && abandoned * 2 > self.started.load(Ordering::Acquire)
     }
 
     fn now_ms(&self) -> u64 {
@@ -217,6 +231,12 @@ impl Drop for InFlight {
         if let Some(relay) = self.relay.take() {
             relay.stop_waiting();
             activity.sending.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            // Dropped before a response was handed over: the peer abandoned the request.
+            activity.abandoned.fetch_add(1, Ordering::AcqRel);
+            if activity.abandons_too_many() {
+                activity.responding.notify_one();
+            }
         }
         activity
             .idle_since_ms
@@ -293,6 +313,8 @@ pub enum Closed {
     Idle,
     /// Its responses stopped moving, or moved too slowly, on the downstream's side.
     Sending(Stall),
+    /// It abandoned most of its requests, past the budget.
+    Abandoning,
 }
 
 impl Closed {
@@ -301,6 +323,7 @@ impl Closed {
             Self::Idle => "idle",
             Self::Sending(Stall::Idle(_)) => "send_idle",
             Self::Sending(Stall::TooSlow(_)) => "send_too_slow",
+            Self::Abandoning => "reset_flood",
         }
     }
 }
@@ -332,8 +355,13 @@ pub async fn with_deadlines<F: Future>(
         }
         tokio::select! {
             out = &mut conn => return Ok(out),
-            // A response started: its pace sets the next deadline.
-            () = activity.responding.notified() => {}
+            // A response started (its pace sets the next deadline), or a request was abandoned.
+            () = activity.responding.notified() => {
+                if activity.abandons_too_many() {
+                    activity.reset.store(true, Ordering::Release);
+                    return Err(Closed::Abandoning);
+                }
+            }
             () = tokio::time::sleep_until(deadline) => {
                 if activity.idle_since().is_some_and(|t| t + limit() <= Instant::now()) {
                     return Err(Closed::Idle);
@@ -459,6 +487,39 @@ mod tests {
         assert!(outcome.is_err(), "still open after 200 s: {outcome:?}");
         response.taken(Waker::noop());
         drop(response);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_abandons_most_requests_is_cut_past_the_budget() {
+        let activity = Activity::new();
+        let watch = with_deadlines(
+            std::future::pending::<()>(),
+            &activity,
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+            PACE,
+        );
+        let storm = async {
+            for i in 0..1000 {
+                drop(activity.begin());
+                tokio::task::yield_now().await;
+                assert!(i <= ABANDON_BUDGET + 1, "not cut after {i}");
+            }
+        };
+        let closed = tokio::select! {
+            closed = watch => closed,
+            () = storm => unreachable!(),
+        };
+        assert_eq!(closed, Err(Closed::Abandoning));
+        // A peer whose requests mostly finish keeps its connection.
+        let activity = Activity::new();
+        for _ in 0..300 {
+            activity.begin().responding();
+        }
+        for _ in 0..200 {
+            drop(activity.begin());
+        }
+        assert!(!activity.abandons_too_many());
     }
 
     #[tokio::test(start_paused = true)]

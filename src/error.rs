@@ -16,14 +16,14 @@ use crate::lifetime::Stall;
 use crate::policy::Violation;
 use crate::route::ErrorStyle;
 use crate::signing::AuthError;
-use crate::upstream::BoxError;
+use crate::upstream::{BoxError, ConnectError};
 
 /// Why a request did not get an upstream response.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Policy(#[from] Violation),
-    #[error("request body not received within {0:?}")]
+    #[error("request body not received within {}", humantime::format_duration(*.0))]
     BodyTimeout(Duration),
     #[error("request body could not be read: {0}")]
     BodyRead(#[source] BoxError),
@@ -36,11 +36,12 @@ pub enum Error {
     BadTarget(String),
     #[error("method {0} is not proxied")]
     Method(http::Method),
-    #[error("upstream connection failed: {0}")]
-    UpstreamConnect(#[source] BoxError),
+    /// Its text says what failed, where, and the likely fix: for the log, never the downstream.
+    #[error(transparent)]
+    UpstreamConnect(ConnectError),
     #[error("upstream request failed: {0}")]
     Upstream(#[source] hyper::Error),
-    #[error("upstream sent no response within {0:?}")]
+    #[error("upstream sent no response within {}", humantime::format_duration(*.0))]
     UpstreamTimeout(Duration),
     /// The upstream's response body failed, or stalled, while being read to be buffered.
     #[error("upstream response body could not be read: {0}")]
@@ -134,7 +135,8 @@ impl Error {
             Self::UpstreamBusy(_) => {
                 "The block storage service is busy; try again later.".to_owned()
             }
-            Self::Unauthorized(e) => format!("The request signature was refused: {e}."),
+            // The reason is logged, not told: an unknown key and a wrong secret look the same.
+            Self::Unauthorized(_) => "The request signature was refused.".to_owned(),
             Self::Sign(_) => "The request could not be signed.".to_owned(),
             Self::UpstreamTimeout(_) => {
                 "The block storage service did not respond in time.".to_owned()

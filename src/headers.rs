@@ -78,37 +78,114 @@ pub fn forwarded_for(ip: IpAddr) -> HeaderValue {
     HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static("unknown"))
 }
 
-/// Appends the downstream peer to X-Forwarded-For, and sets X-Forwarded-Proto and
-/// X-Forwarded-Host to what this hop saw (client-sent values of those two are not trusted).
-/// Headers for which `untouchable` holds (covered by a request signature) are left alone.
+/// Who is on the other end of a downstream connection, as the forwarding headers tell it.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The peer's address as an X-Forwarded-For element ([`forwarded_for`]).
+    pub forwarded_for: HeaderValue,
+    /// Its `for=` element of `Forwarded` (RFC 7239: IPv6 quoted and bracketed).
+    pub forwarded_node: String,
+    /// Whether snapguard terminated TLS on this connection: the proto is then `https`.
+    pub tls: bool,
+    /// Whether the peer is one of `forwarding.trusted_proxies`, whose forwarding headers are
+    /// kept and appended to; anyone else's are overwritten.
+    pub trusted: bool,
+    /// The subject of the client certificate, with mutual TLS.
+    pub client: Option<std::sync::Arc<str>>,
+}
+
+impl Peer {
+    pub fn new(ip: IpAddr, tls: bool, trusted: bool) -> Self {
+        Self {
+            forwarded_for: forwarded_for(ip),
+            forwarded_node: match ip {
+                IpAddr::V4(v4) => v4.to_string(),
+                IpAddr::V6(v6) => format!("\"[{v6}]\""),
+            },
+            tls,
+            trusted,
+            client: None,
+        }
+    }
+
+    fn proto(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+/// `Forwarded` (RFC 7239).
+pub const FORWARDED: HeaderName = header::FORWARDED;
+
+/// Whether `value` is a plain `host[:port]`: a name, an IPv4 address or a bracketed IPv6 one,
+/// and digits after a colon.
+fn is_host(value: &[u8]) -> bool {
+    !value.is_empty()
+        && value.len() <= 255
+        && value
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:[]".contains(b))
+}
+
+/// Sets the forwarding headers: from a trusted proxy, its `X-Forwarded-For` and `Forwarded` are
+/// appended to and its `X-Forwarded-Proto` and `X-Forwarded-Host` kept; from anyone else, all
+/// four are overwritten with what this hop saw, so a client cannot make the upstream believe it
+/// came from elsewhere or over TLS. Headers for which `untouchable` holds (covered by a request
+/// signature) are left alone.
 pub fn add_forwarded(
     headers: &mut HeaderMap,
-    peer: &HeaderValue,
-    proto: &'static str,
+    peer: &Peer,
     host: Option<HeaderValue>,
     untouchable: impl Fn(&HeaderName) -> bool,
 ) {
-    if !untouchable(&X_FORWARDED_FOR) {
-        let prior: Vec<&[u8]> = headers
-            .get_all(&X_FORWARDED_FOR)
-            .iter()
-            .map(HeaderValue::as_bytes)
-            .collect();
-        if prior.is_empty() {
-            headers.insert(X_FORWARDED_FOR, peer.clone());
-        } else {
-            let mut chain = prior.join(&b", "[..]);
-            chain.extend_from_slice(b", ");
-            chain.extend_from_slice(peer.as_bytes());
-            if let Ok(value) = HeaderValue::from_bytes(&chain) {
-                headers.insert(X_FORWARDED_FOR, value);
+    let appended = |headers: &HeaderMap, name: &HeaderName, element: &[u8]| {
+        let mut chain: Vec<u8> = Vec::new();
+        if peer.trusted {
+            for prior in headers.get_all(name) {
+                chain.extend_from_slice(prior.as_bytes());
+                chain.extend_from_slice(b", ");
             }
         }
+        chain.extend_from_slice(element);
+        HeaderValue::from_bytes(&chain).ok()
+    };
+    if !untouchable(&X_FORWARDED_FOR) {
+        match appended(headers, &X_FORWARDED_FOR, peer.forwarded_for.as_bytes()) {
+            Some(value) => headers.insert(X_FORWARDED_FOR, value),
+            None => headers.insert(X_FORWARDED_FOR, peer.forwarded_for.clone()),
+        };
     }
-    if !untouchable(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    // Only a well-formed host[:port] is passed on: the Host header is the client's to write,
+    // and `Host: x";for=6.6.6.6` must not become a parameter or element of anyone's header.
+    let host = host.filter(|h| is_host(h.as_bytes()));
+    if !untouchable(&FORWARDED) {
+        // A chain is continued, never started: Cinder's oslo.middleware reads the first element
+        // of `Forwarded` and takes a quoted host literally (`https://"api:8443"/`), so from an
+        // untrusted peer the header is removed and X-Forwarded-* carry the same facts.
+        if peer.trusted && headers.contains_key(&FORWARDED) {
+            let mut element = format!("for={};proto={}", peer.forwarded_node, peer.proto());
+            if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok()) {
+                element.push_str(";host=\"");
+                element.push_str(host);
+                element.push('"');
+            }
+            match appended(headers, &FORWARDED, element.as_bytes()) {
+                Some(value) => headers.insert(FORWARDED, value),
+                None => headers.remove(FORWARDED),
+            };
+        } else {
+            headers.remove(FORWARDED);
+        }
     }
-    if !untouchable(&X_FORWARDED_HOST) {
+    let keep_proto = peer.trusted && headers.contains_key(&X_FORWARDED_PROTO);
+    let keep_host = peer.trusted && headers.contains_key(&X_FORWARDED_HOST);
+    if !untouchable(&X_FORWARDED_PROTO) && !keep_proto {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(peer.proto()));
+    }
+    if !untouchable(&X_FORWARDED_HOST) && !keep_host {
         match host {
             Some(host) => headers.insert(X_FORWARDED_HOST, host),
             None => headers.remove(X_FORWARDED_HOST),
@@ -225,32 +302,53 @@ mod tests {
         assert!(h.is_empty(), "{h:?}");
     }
 
+    fn peer(ip: &str, tls: bool, trusted: bool) -> Peer {
+        Peer::new(ip.parse().unwrap(), tls, trusted)
+    }
+
     #[test]
-    fn forwarded_for_is_appended_and_proto_host_are_set() {
+    fn a_trusted_proxy_s_forwarding_headers_are_kept_and_appended_to() {
         let mut h = map(&[
             ("x-forwarded-for", "1.1.1.1"),
             ("x-forwarded-for", "2.2.2.2"),
             ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "api.example.com"),
+            ("forwarded", "for=1.1.1.1;proto=https"),
         ]);
-        add_forwarded(
-            &mut h,
-            &forwarded_for("127.0.0.1".parse().unwrap()),
-            "http",
-            Some(HeaderValue::from_static("api:8080")),
-            |_| false,
+        let host = Some(HeaderValue::from_static("snapguard:8080"));
+        add_forwarded(&mut h, &peer("10.0.0.7", false, true), host, |_| false);
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 10.0.0.7");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "api.example.com");
+        assert_eq!(
+            h["forwarded"],
+            "for=1.1.1.1;proto=https, for=10.0.0.7;proto=http;host=\"snapguard:8080\""
         );
-        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, 127.0.0.1");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-forwarded-host"], "api:8080");
-        let mut h = HeaderMap::new();
-        add_forwarded(
-            &mut h,
-            &forwarded_for("::1".parse().unwrap()),
-            "http",
-            None,
-            |_| false,
-        );
+    }
+
+    #[test]
+    fn anyone_else_s_forwarding_headers_are_overwritten() {
+        let mut h = map(&[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "evil"),
+            ("forwarded", "for=6.6.6.6"),
+        ]);
+        let host = Some(HeaderValue::from_static("api:8443"));
+        add_forwarded(&mut h, &peer("::1", true, false), host, |_| false);
         assert_eq!(h["x-forwarded-for"], "::1");
+        assert_eq!(h["x-forwarded-proto"], "https", "snapguard terminated TLS");
+        assert_eq!(h["x-forwarded-host"], "api:8443");
+        assert!(h.get("forwarded").is_none(), "removed, not started");
+        // A Host that is not a plain host[:port] is passed on nowhere.
+        let mut h = map(&[("forwarded", "for=1.1.1.1")]);
+        let evil = Some(HeaderValue::from_static("x\";for=6.6.6.6, for=7.7.7.7"));
+        add_forwarded(&mut h, &peer("10.0.0.7", false, true), evil, |_| false);
+        assert!(h.get("x-forwarded-host").is_none());
+        assert_eq!(h["forwarded"], "for=1.1.1.1, for=10.0.0.7;proto=http");
+        let mut h = HeaderMap::new();
+        add_forwarded(&mut h, &peer("127.0.0.1", false, false), None, |_| false);
+        assert_eq!(h["x-forwarded-proto"], "http");
         assert!(h.get("x-forwarded-host").is_none());
 
         // Signed headers stay as they came.
@@ -258,13 +356,9 @@ mod tests {
             ("x-forwarded-for", "1.1.1.1"),
             ("x-forwarded-host", "signed"),
         ]);
-        add_forwarded(
-            &mut h,
-            &forwarded_for("::1".parse().unwrap()),
-            "http",
-            None,
-            |n| n != X_FORWARDED_PROTO,
-        );
+        add_forwarded(&mut h, &peer("::1", false, false), None, |n| {
+            n != X_FORWARDED_PROTO && n != FORWARDED
+        });
         assert_eq!(h["x-forwarded-for"], "1.1.1.1");
         assert_eq!(h["x-forwarded-host"], "signed");
         assert_eq!(h["x-forwarded-proto"], "http");

@@ -23,6 +23,7 @@ pub mod route;
 pub mod server;
 pub mod sign;
 pub mod signing;
+pub mod tls;
 pub mod upstream;
 
 pub use config::Config;

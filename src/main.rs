@@ -29,13 +29,15 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Some(Command::CheckConfig { ref file }) => match Config::load(file) {
-            Ok(_) => {
-                println!("{}: ok", file.display());
-                ExitCode::SUCCESS
+        Some(Command::CheckConfig { ref file }) => {
+            match Config::load(file).and_then(|config| config.check_files()) {
+                Ok(_) => {
+                    println!("{}: ok", file.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => config_error(&e),
             }
-            Err(e) => config_error(&e),
-        },
+        }
         // `check --config F` and `snapguard --config F check`: the nearer one wins.
         Some(Command::Check {
             batch: true,
@@ -94,7 +96,8 @@ fn load(cli: &Cli, file: Option<&PathBuf>) -> Result<Config, snapguard::config::
 }
 
 fn run_proxy(cli: &Cli) -> ExitCode {
-    let config = match load(cli, cli.config.as_ref()) {
+    // A certificate or key that does not load is a config error too (exit 64), not a crash.
+    let config = match load(cli, cli.config.as_ref()).and_then(|c| c.check_files().map(|()| c)) {
         Ok(config) => config,
         Err(e) => return config_error(&e),
     };
@@ -175,13 +178,19 @@ async fn reload_on_sighup(cli: Cli, handle: Handle, filter: FilterHandle) {
             return;
         }
     };
+    // The defaults and flags alone are reloaded too, when there is no file.
+    let file = cli
+        .config
+        .as_ref()
+        .map_or_else(|| "-".to_owned(), |path| path.display().to_string());
     while hangups.recv().await.is_some() {
-        tracing::info!(file = ?cli.config, "SIGHUP: reloading the config");
-        let loaded = load(&cli, cli.config.as_ref());
-        let level = loaded.as_ref().ok().map(|c| c.log.level.clone());
-        if handle.reload(loaded).is_ok() && std::env::var_os("RUST_LOG").is_none() {
-            if let Some(level) = level {
-                if let Err(e) = filter.reload(EnvFilter::new(level)) {
+        tracing::info!(file = %file, "SIGHUP: reloading the config");
+        let cli = cli.clone();
+        // Read and built off the runtime: with one worker, traffic would wait for it.
+        let reloaded = handle.reload_with(move || load(&cli, cli.config.as_ref()));
+        if let Ok(runtime) = reloaded.await {
+            if std::env::var_os("RUST_LOG").is_none() {
+                if let Err(e) = filter.reload(EnvFilter::new(&runtime.config.log.level)) {
                     tracing::warn!(error = %e, "could not apply the new log level");
                 }
             }

@@ -74,7 +74,23 @@ pub struct Metrics {
     signed: Counter,
     auth_failures: Family<ReasonLabels, Counter>,
     credential_reloads: Family<ResultLabels, Counter>,
+    tls_handshake_failures: Family<ReasonLabels, Counter>,
+    tls_reloads: Family<ResultLabels, Counter>,
+    tls_expiry: Gauge,
 }
+
+/// Every reason a TLS handshake fails for, exported at 0 from start-up.
+pub const TLS_HANDSHAKE_FAILURES: [&str; 9] = [
+    "timeout",
+    "no_client_certificate",
+    "bad_client_certificate",
+    "not_tls",
+    "incompatible",
+    "alert_received",
+    "protocol",
+    "eof",
+    "io",
+];
 
 /// Every upstream error kind, exported at 0 from start-up so that `increase()` sees the first.
 pub const UPSTREAM_ERROR_KINDS: [&str; 7] = [
@@ -88,12 +104,13 @@ pub const UPSTREAM_ERROR_KINDS: [&str; 7] = [
 ];
 
 /// Every reason a peer is cut for, exported at 0 from start-up.
-pub const CUT_REASONS: [&str; 5] = [
+pub const CUT_REASONS: [&str; 6] = [
     "request_body_timeout",
     "body_idle",
     "body_too_slow",
     "send_idle",
     "send_too_slow",
+    "reset_flood",
 ];
 
 impl Default for Metrics {
@@ -113,6 +130,9 @@ impl Default for Metrics {
             signed: Counter::default(),
             auth_failures: Family::default(),
             credential_reloads: Family::default(),
+            tls_handshake_failures: Family::default(),
+            tls_reloads: Family::default(),
+            tls_expiry: Gauge::default(),
         };
         let mut m = metrics;
         let r = &mut m.registry;
@@ -178,6 +198,21 @@ impl Default for Metrics {
             m.credential_reloads.clone(),
         );
         r.register(
+            "snapguard_tls_handshake_failures",
+            "Downstream TLS handshakes that failed, by reason",
+            m.tls_handshake_failures.clone(),
+        );
+        r.register(
+            "snapguard_tls_reloads",
+            "TLS certificate files re-read, by result: success (changed and in force) or failure",
+            m.tls_reloads.clone(),
+        );
+        r.register(
+            "snapguard_tls_certificate_expiry_timestamp_seconds",
+            "When the served TLS certificate expires, in Unix seconds (0 without TLS)",
+            m.tls_expiry.clone(),
+        );
+        r.register(
             "snapguard_build",
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
@@ -195,6 +230,14 @@ impl Default for Metrics {
         }
         for reason in crate::signing::AUTH_FAILURE_REASONS {
             let _ = m.auth_failures.get_or_create(&ReasonLabels { reason });
+        }
+        for reason in TLS_HANDSHAKE_FAILURES {
+            let _ = m
+                .tls_handshake_failures
+                .get_or_create(&ReasonLabels { reason });
+        }
+        for result in ["success", "failure"] {
+            let _ = m.tls_reloads.get_or_create(&ResultLabels { result });
         }
         m
     }
@@ -252,6 +295,26 @@ impl Metrics {
     }
 
     /// The gauge of requests waiting for an upstream connection, kept by the upstream pool.
+    /// A TLS handshake that failed.
+    pub fn tls_handshake_failure(&self, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// TLS files re-read: `true` when the new ones are in force, `false` when they failed.
+    pub fn tls_reload(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.tls_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// The served certificate's expiry, in Unix seconds.
+    pub fn tls_expiry(&self, not_after: i64) {
+        self.tls_expiry.set(not_after);
+    }
+
     /// A request signed with the cloud key.
     pub fn signed(&self) {
         self.signed.inc();

@@ -24,7 +24,7 @@ use crate::body::{Progress, ProxyBody};
 use crate::config::Config;
 use crate::decide::{self, Head};
 use crate::error::Error;
-use crate::headers::{add_forwarded, strip_hop_by_hop, RequestIds, X_REQUEST_ID};
+use crate::headers::{add_forwarded, strip_hop_by_hop, Peer, RequestIds, X_REQUEST_ID};
 use crate::lifetime::{Budget, Pace, Stall, Watched};
 use crate::metrics::Metrics;
 use crate::policy::{self, Verdict, Violation};
@@ -35,7 +35,7 @@ use crate::upstream::{Lease, SendError, TlsError, Upstream};
 /// What a reload replaces whole: the config and the upstream client built from it.
 pub struct Runtime {
     pub config: Config,
-    upstream: Upstream,
+    upstream: Arc<Upstream>,
     /// The upstream authority as a Host value, made once.
     upstream_host: HeaderValue,
     /// Re-signing with the cloud key, when `[upstream.signing]` is set.
@@ -53,7 +53,13 @@ pub enum BuildError {
 
 impl Runtime {
     pub fn new(config: Config, metrics: &Metrics) -> Result<Self, BuildError> {
-        let upstream = Upstream::new(&config, metrics.upstream_waiting())?;
+        let upstream = Arc::new(Upstream::new(&config, metrics.upstream_waiting())?);
+        Self::with_upstream(config, upstream)
+    }
+
+    /// A runtime for `config` that keeps `upstream`, its warm connections and its slots in use:
+    /// for a reload that changed nothing the client is built from.
+    pub fn with_upstream(config: Config, upstream: Arc<Upstream>) -> Result<Self, BuildError> {
         let upstream_host = HeaderValue::from_str(config.upstream.url.authority.as_str())
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         let signer = match &config.upstream.signing {
@@ -66,6 +72,11 @@ impl Runtime {
             upstream_host,
             signer,
         })
+    }
+
+    /// The upstream client, for a reload to keep.
+    pub fn upstream(&self) -> &Arc<Upstream> {
+        &self.upstream
     }
 
     /// The re-signer, whose keys a background task re-reads while it is in use.
@@ -100,8 +111,8 @@ impl Outcome {
 /// What one request carries through the proxy besides the request itself.
 struct Context<'r> {
     rt: &'r Runtime,
-    /// The downstream peer's address, as X-Forwarded-For carries it.
-    peer: &'r HeaderValue,
+    /// The downstream peer, as the forwarding headers tell it.
+    peer: &'r Peer,
     id: &'r HeaderValue,
     progress: &'r Arc<Progress>,
     /// The caller's access key, once its signature was verified (`downstream = "verify"`).
@@ -155,11 +166,8 @@ impl Proxy {
         &self.metrics
     }
 
-    /// Handles one downstream request. Never fails: errors become responses.
-    /// `peer` is the downstream's address as an X-Forwarded-For element ([`forwarded_for`]).
-    ///
-    /// [`forwarded_for`]: crate::headers::forwarded_for
-    pub async fn handle(&self, req: Request<Incoming>, peer: &HeaderValue) -> Response<ProxyBody> {
+    /// Handles one downstream request from `peer`. Never fails: errors become responses.
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
         let started = Instant::now();
         let rt = self.runtime();
         let request_id = self.ids.for_request(req.headers());
@@ -199,8 +207,10 @@ impl Proxy {
             }
             Head::Violation { violation, .. } => {
                 let (parts, body) = req.into_parts();
-                let body = ProxyBody::stream(body, pace);
-                self.violation(&cx, violation, parts, body).await
+                match self.authenticate_first(&cx, &parts, body, pace).await {
+                    Ok(body) => self.violation(&cx, violation, parts, body).await,
+                    Err(e) => Outcome::refused(e),
+                }
             }
             Head::Police { route, project } => {
                 self.police(&cx, req, route, project.as_deref()).await
@@ -234,7 +244,7 @@ impl Proxy {
             Ok(relayed) => relayed,
             Err(e) => {
                 if e.status().is_server_error() {
-                    tracing::warn!(error = %e, request_id = ?request_id, "upstream failure");
+                    tracing::warn!(error = %e, request_id = request_id.to_str().unwrap_or("-"), "upstream failure");
                 }
                 // Signature refusals answer Huawei SDK callers in their gateway's format.
                 let style = match e {
@@ -267,6 +277,7 @@ impl Proxy {
             bytes_in: progress,
             bytes_out: 0,
             caller: caller.into_inner(),
+            client: peer.client.clone(),
             metrics: self.metrics.clone(),
         });
         response.map(|()| body.finishing(exchange))
@@ -295,7 +306,44 @@ impl Proxy {
             }
             Err(e) => {
                 self.metrics.auth_failure(e.reason());
+                tracing::info!(reason = e.reason(), error = %e, request_id = cx.id.to_str().unwrap_or("-"), "caller signature refused");
                 Err(Error::Unauthorized(e))
+            }
+        }
+    }
+
+    /// When callers' signatures are verified, a request refused on its head alone is still
+    /// checked first, its body read (within the policed body's bounds) for the purpose: an
+    /// unauthenticated caller learns nothing from the policy. Otherwise the body streams on.
+    async fn authenticate_first(
+        &self,
+        cx: &Context<'_>,
+        parts: &Parts,
+        body: Incoming,
+        pace: Pace,
+    ) -> Result<ProxyBody, Error> {
+        let verifying = cx
+            .rt
+            .signer()
+            .is_some_and(|s| s.config().downstream == crate::signing::Downstream::Verify);
+        if !verifying {
+            return Ok(ProxyBody::stream(body, pace));
+        }
+        let (limit, timeout) = (
+            cx.rt.config.policy.max_body_bytes,
+            cx.rt.config.timeouts.request_body,
+        );
+        let read = tokio::time::timeout(timeout, read_bounded(body, limit, Some(cx.progress)));
+        match read.await {
+            Err(_) => Err(Error::BodyTimeout(timeout)),
+            Ok(Err(e)) => Err(Error::BodyRead(e.into())),
+            Ok(Ok(Read::Whole(bytes))) => {
+                self.authenticate(cx, parts, Some(&bytes))?;
+                Ok(ProxyBody::full(bytes))
+            }
+            Ok(Ok(Read::TooLarge(prefix, rest))) => {
+                self.authenticate(cx, parts, None)?;
+                Ok(ProxyBody::prefixed(prefix, rest, pace))
             }
         }
     }
@@ -425,7 +473,7 @@ impl Proxy {
                     rule = %v.rule(),
                     field = v.field().unwrap_or("-"),
                     project = project.unwrap_or("-"),
-                    request_id = ?cx.id,
+                    request_id = cx.id.to_str().unwrap_or("-"),
                     "reserved prefix allowed for an exempt project"
                 );
                 (Decision::Exempt, Some(v.rule()))
@@ -452,7 +500,7 @@ impl Proxy {
                 tracing::warn!(
                     rule = %v.rule(),
                     field = v.field().unwrap_or("-"),
-                    request_id = ?cx.id,
+                    request_id = cx.id.to_str().unwrap_or("-"),
                     "policy violation forwarded (audit mode)"
                 );
                 let rule = Some(v.rule());
@@ -473,6 +521,10 @@ impl Proxy {
     ) -> Outcome {
         let rt = cx.rt;
         let upstream = &rt.config.upstream;
+        // On the request as it came: HTTP/2 has its host in the URI only.
+        if let Err(e) = self.authenticate(cx, &parts, body.buffered()) {
+            return Outcome::refused(e);
+        }
         // The original path and query bytes, whatever form the request target had, sent in
         // origin form.
         let uri = parts
@@ -491,10 +543,6 @@ impl Proxy {
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
             .or_else(|| parts.headers.get(header::HOST).cloned());
         parts.uri = uri;
-
-        if let Err(e) = self.authenticate(cx, &parts, body.buffered()) {
-            return Outcome::refused(e);
-        }
         // Headers a caller's signature covers reach the upstream as they came, unless snapguard
         // signs the request itself.
         let signed = match rt.signer() {
@@ -523,13 +571,7 @@ impl Proxy {
         };
         parts.headers.insert(header::HOST, host);
         if rt.config.forwarding.x_forwarded {
-            add_forwarded(
-                &mut parts.headers,
-                cx.peer,
-                "http",
-                downstream_host,
-                untouchable,
-            );
+            add_forwarded(&mut parts.headers, cx.peer, downstream_host, untouchable);
         }
         if !untouchable(&X_REQUEST_ID) {
             parts.headers.insert(X_REQUEST_ID, cx.id.clone());
@@ -554,7 +596,9 @@ impl Proxy {
         let limit = rt.config.timeouts.upstream_response;
         let body = body.tracking(cx.progress.clone());
         let sent = Instant::now();
-        let response = rt.upstream.send(Request::from_parts(parts, body));
+        let response = rt
+            .upstream
+            .send(Request::from_parts(parts, body), cx.progress);
         tokio::pin!(response);
         let result = loop {
             let deadline =

@@ -18,15 +18,18 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
+use tokio_rustls::TlsAcceptor;
 
 use crate::admin::{self, Readiness};
 use crate::config::{Config, ConfigError};
 use crate::conn::{self, Activity, Closed, Socket};
-use crate::headers;
+use crate::headers::Peer;
 use crate::lifetime::Pace;
 use crate::metrics::Metrics;
+use crate::policy::Mode;
 use crate::proxy::BuildError;
 use crate::proxy::{Proxy, Runtime};
+use crate::tls::{Terminator, TlsFileError};
 
 /// Why snapguard could not start.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +42,8 @@ pub enum StartError {
     },
     #[error(transparent)]
     Runtime(#[from] BuildError),
+    #[error("[tls]: {0}")]
+    Tls(#[from] TlsFileError),
 }
 
 /// Why a reload was refused; the configuration in force stays.
@@ -48,6 +53,9 @@ pub enum ReloadError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Runtime(#[from] BuildError),
+    /// The blocking thread that loads the file did not finish (it panicked).
+    #[error("the reload did not finish: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// A bound, not yet running snapguard.
@@ -74,6 +82,13 @@ impl Server {
         let addresses = (config.listen, config.admin);
         let workers = config.workers;
         let metrics = Arc::new(Metrics::default());
+        let terminator = match &config.tls {
+            Some(tls) => Some(Arc::new(Terminator::new(tls.clone())?)),
+            None => None,
+        };
+        if let Some(t) = &terminator {
+            metrics.tls_expiry(t.current().not_after);
+        }
         let proxy = Arc::new(Proxy::new(Runtime::new(config, &metrics)?, metrics));
         Ok(Self {
             listener,
@@ -85,6 +100,7 @@ impl Server {
                 resized: Arc::new(Notify::new()),
                 addresses,
                 workers,
+                terminator,
             },
             ready: Readiness::default(),
         })
@@ -116,15 +132,25 @@ impl Server {
         } = self;
         let proxy = handle.proxy.clone();
         let metrics = proxy.metrics().clone();
+        let admin_addr = admin.local_addr().map_or(handle.addresses.1, |a| a);
         let admin_task = tokio::spawn(admin::serve(admin, ready.clone(), metrics.clone()));
+        let terminator = handle.terminator.clone();
+        let tls_reloads = terminator
+            .clone()
+            .map(|t| tokio::spawn(reload_tls_every(t, metrics.clone())));
 
         let graceful = GracefulShutdown::new();
         let mut runtime = proxy.runtime();
         let mut builder = connection_builder(&runtime.config);
         tokio::pin!(shutdown);
         ready.set(true);
-        tracing::info!(listen = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
-            upstream = %runtime.config.upstream.url, "snapguard serving");
+        tracing::info!(
+            listen = %listener.local_addr().map_or(handle.addresses.0, |a| a),
+            admin = %admin_addr,
+            upstream = %runtime.config.upstream.url,
+            mode = %mode_name(runtime.config.policy.mode),
+            "snapguard serving"
+        );
 
         // The semaphore's size, reconciled here (and only here) with the configured limit.
         let mut capacity = handle.max_connections.load(Ordering::Acquire);
@@ -169,38 +195,55 @@ impl Server {
                 runtime = current;
             }
             let open = metrics.connection();
-            let activity = Activity::new();
-            let forwarded_for = headers::forwarded_for(peer.ip());
-            let svc = {
-                let (proxy, activity) = (proxy.clone(), activity.clone());
-                service_fn(move |req| {
-                    let (proxy, in_flight) = (proxy.clone(), activity.begin());
-                    let forwarded_for = forwarded_for.clone();
-                    async move {
-                        let response = proxy.handle(req, &forwarded_for).await;
-                        Ok::<_, Infallible>(response.map(|body| body.holding(in_flight)))
-                    }
-                })
-            };
-            let conn = graceful.watch(
-                builder
-                    .serve_connection(TokioIo::new(Socket::new(stream, activity.clone())), svc)
-                    .into_owned(),
-            );
+            let client_ip = peer.ip();
+            let trusted = runtime.config.forwarding.trusts(client_ip);
             let timeouts = &runtime.config.timeouts;
-            let (first, idle) = (timeouts.request_header, timeouts.idle);
-            let pace = Pace::of(&runtime.config);
-            let metrics = metrics.clone();
+            let conn = Connection {
+                proxy: proxy.clone(),
+                builder: builder.clone(),
+                watcher: graceful.watcher(),
+                metrics: metrics.clone(),
+                first: timeouts.request_header,
+                idle: timeouts.idle,
+                pace: Pace::of(&runtime.config),
+            };
+            // The TLS configuration in force when the connection came: reloads do not disturb
+            // handshakes in progress.
+            let tls = terminator
+                .as_ref()
+                .map(|t| (t.current(), t.config().handshake_timeout));
             tokio::spawn(async move {
-                match conn::with_deadlines(conn, &activity, first, idle, pace).await {
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, %peer, "connection ended with an error")
+                let activity = Activity::new();
+                let socket = Socket::new(stream, activity.clone());
+                match tls {
+                    None => {
+                        let who = Peer::new(client_ip, false, trusted);
+                        conn.serve(socket, who, activity, peer).await;
                     }
-                    Ok(Ok(())) => {}
-                    Err(Closed::Idle) => tracing::debug!(%peer, "idle connection closed"),
-                    Err(closed) => {
-                        metrics.cut(closed.reason());
-                        tracing::info!(%peer, reason = closed.reason(), "connection cut: its responses stopped moving downstream");
+                    Some((loaded, timeout)) => {
+                        let accept = TlsAcceptor::from(loaded.server.clone()).accept(socket);
+                        match tokio::time::timeout(timeout, accept).await {
+                            Ok(Ok(stream)) => {
+                                let mut who = Peer::new(client_ip, true, trusted);
+                                who.client = stream
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .and_then(|certs| certs.first())
+                                    .and_then(crate::tls::subject)
+                                    .map(Arc::from);
+                                conn.serve(stream, who, activity, peer).await;
+                            }
+                            Ok(Err(e)) => {
+                                let reason = handshake_failure(&e);
+                                conn.metrics.tls_handshake_failure(reason);
+                                tracing::debug!(%peer, reason, error = %e, "TLS handshake failed");
+                            }
+                            Err(_) => {
+                                conn.metrics.tls_handshake_failure("timeout");
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                            }
+                        }
                     }
                 }
                 drop((permit, open));
@@ -211,18 +254,114 @@ impl Server {
         drop(listener);
         // The grace period in force now, reloads included.
         let grace = proxy.runtime().config.timeouts.shutdown_grace;
-        tracing::info!(connections = graceful.count(), ?grace, "draining");
+        tracing::info!(
+            connections = graceful.count(),
+            grace = %humantime::format_duration(grace),
+            "draining"
+        );
         if tokio::time::timeout(grace, graceful.shutdown())
             .await
             .is_err()
         {
             tracing::warn!(
-                ?grace,
+                grace = %humantime::format_duration(grace),
                 "grace period over; closing the remaining connections"
             );
         }
         admin_task.abort();
+        if let Some(task) = tls_reloads {
+            task.abort();
+        }
         tracing::info!("snapguard stopped");
+    }
+}
+
+/// Re-reads the TLS files every `reload_interval` (Kubernetes swaps a mounted Secret's files
+/// without a signal) and swaps them in when they changed; a file that fails keeps what is in
+/// force.
+async fn reload_tls_every(terminator: Arc<Terminator>, metrics: Arc<Metrics>) {
+    let every = terminator.config().reload_interval;
+    loop {
+        tokio::time::sleep(every).await;
+        reload_tls(&terminator, &metrics).await;
+    }
+}
+
+/// Re-reads the TLS files off the runtime's threads, and says what came of it.
+pub async fn reload_tls(terminator: &Arc<Terminator>, metrics: &Metrics) {
+    let t = terminator.clone();
+    match tokio::task::spawn_blocking(move || t.reload()).await {
+        Ok(Ok(true)) => {
+            metrics.tls_reload(true);
+            metrics.tls_expiry(terminator.current().not_after);
+            tracing::info!("TLS certificate reloaded");
+        }
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => {
+            metrics.tls_reload(false);
+            tracing::warn!(error = %e, "TLS files could not be reloaded; the certificate in force stays");
+        }
+        Err(e) => tracing::warn!(error = %e, "TLS reload task failed"),
+    }
+}
+
+/// What serving one accepted connection needs, moved into its task.
+struct Connection {
+    proxy: Arc<Proxy>,
+    builder: auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    metrics: Arc<Metrics>,
+    first: Duration,
+    idle: Duration,
+    pace: Pace,
+}
+
+impl Connection {
+    /// Serves HTTP/1.1 or HTTP/2 on `io` (plain or TLS) under the connection's deadlines.
+    async fn serve<I>(self, io: I, who: Peer, activity: Arc<Activity>, peer: SocketAddr)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let who = Arc::new(who);
+        let svc = {
+            let (proxy, activity) = (self.proxy.clone(), activity.clone());
+            service_fn(move |req| {
+                let (proxy, in_flight, who) = (proxy.clone(), activity.begin(), who.clone());
+                async move {
+                    let response = proxy.handle(req, &who).await;
+                    Ok::<_, Infallible>(response.map(|body| body.holding(in_flight)))
+                }
+            })
+        };
+        let conn = self.watcher.watch(
+            self.builder
+                .serve_connection(TokioIo::new(io), svc)
+                .into_owned(),
+        );
+        match conn::with_deadlines(conn, &activity, self.first, self.idle, self.pace).await {
+            Ok(Err(e)) => tracing::debug!(error = %e, %peer, "connection ended with an error"),
+            Ok(Ok(())) => {}
+            Err(Closed::Idle) => tracing::debug!(%peer, "idle connection closed"),
+            Err(closed) => {
+                self.metrics.cut(closed.reason());
+                tracing::info!(%peer, reason = closed.reason(), "connection cut for breaking a deadline or budget");
+            }
+        }
+    }
+}
+
+/// A low-cardinality reason for a failed TLS handshake, for the metrics.
+fn handshake_failure(e: &std::io::Error) -> &'static str {
+    use rustls::Error as E;
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<E>()) {
+        Some(E::NoCertificatesPresented) => "no_client_certificate",
+        Some(E::InvalidCertificate(_)) => "bad_client_certificate",
+        Some(E::InvalidMessage(_)) => "not_tls",
+        Some(E::PeerIncompatible(_) | E::NoApplicationProtocol) => "incompatible",
+        Some(E::AlertReceived(_)) => "alert_received",
+        Some(_) => "protocol",
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => "eof",
+        None => "io",
     }
 }
 
@@ -269,33 +408,78 @@ pub struct Handle {
     addresses: (SocketAddr, SocketAddr),
     /// The configured worker threads, which only a restart changes.
     workers: usize,
+    /// TLS termination, when `[tls]` is set; its files are re-read, its table only on restart.
+    terminator: Option<Arc<Terminator>>,
 }
 
 impl Handle {
-    /// Swaps in a reloaded configuration, or keeps the one in force and says why. Requests in
-    /// flight finish under the configuration they started with.
+    /// Loads a configuration with `load` and builds what it needs (files read, patterns
+    /// compiled, root certificates loaded) on a blocking thread, then swaps it in. That work
+    /// takes a while, and on the runtime's threads it would stall every connection meanwhile,
+    /// all of them with `workers = 1`. Returns the runtime now in force.
+    pub async fn reload_with<F>(&self, load: F) -> Result<Arc<Runtime>, ReloadError>
+    where
+        F: FnOnce() -> Result<Config, ConfigError> + Send + 'static,
+    {
+        let proxy = self.proxy.clone();
+        let built = tokio::task::spawn_blocking(move || build(load(), &proxy))
+            .await
+            .unwrap_or_else(|e| Err(e.into()));
+        // The certificate files are re-read on SIGHUP too, whatever became of the config.
+        if let Some(terminator) = &self.terminator {
+            reload_tls(terminator, self.proxy.metrics()).await;
+        }
+        self.apply(built)?;
+        Ok(self.proxy.runtime())
+    }
+
+    /// Swaps in a reloaded configuration, building it on the calling thread (which should not
+    /// be the runtime's: see [`Handle::reload_with`]).
     pub fn reload(&self, loaded: Result<Config, ConfigError>) -> Result<(), ReloadError> {
-        let applied = loaded
-            .map_err(ReloadError::from)
-            .and_then(|config| Ok(Runtime::new(config, self.proxy.metrics())?));
-        let runtime = match applied {
+        self.apply(build(loaded, &self.proxy))
+    }
+
+    /// Swaps in a built runtime, or keeps the one in force and says why. Requests in flight
+    /// finish under the configuration they started with.
+    fn apply(&self, built: Result<Runtime, ReloadError>) -> Result<(), ReloadError> {
+        let runtime = match built {
             Ok(runtime) => runtime,
             Err(e) => {
                 self.proxy.metrics().reload(false);
-                tracing::error!("config reload failed, keeping the configuration in force: {e}");
+                tracing::error!(error = %e, "config reload failed, keeping the configuration in force");
                 return Err(e);
             }
         };
         let config = &runtime.config;
-        if (config.listen, config.admin) != self.addresses {
-            tracing::warn!(
-                listen = %config.listen,
-                admin = %config.admin,
-                "listen and admin addresses change only on restart; still serving the old ones"
-            );
+        let (listen, admin) = self.addresses;
+        for (key, in_force, reloaded) in [
+            ("listen", listen, config.listen),
+            ("admin", admin, config.admin),
+        ] {
+            if in_force != reloaded {
+                tracing::warn!(
+                    in_force = %in_force,
+                    reloaded = %reloaded,
+                    "{key} changes only on restart: still serving on the address in force, not \
+                     the reloaded one"
+                );
+            }
+        }
+        if let Some(terminator) = &self.terminator {
+            if config.tls.as_ref() != Some(terminator.config()) {
+                tracing::warn!(
+                    "[tls] changes only on restart: its files are re-read, the table in force stays"
+                );
+            }
+        } else if config.tls.is_some() {
+            tracing::warn!("[tls] changes only on restart: still serving plain HTTP");
         }
         if config.workers != self.workers {
-            tracing::warn!(workers = config.workers, "workers change only on restart");
+            tracing::warn!(
+                in_force = self.workers,
+                reloaded = config.workers,
+                "workers change only on restart: still running the number in force"
+            );
         }
         self.resize(config.limits.max_connections);
         self.proxy.swap(runtime);
@@ -309,6 +493,25 @@ impl Handle {
     fn resize(&self, max: usize) {
         self.max_connections.store(max, Ordering::Release);
         self.resized.notify_one();
+    }
+}
+
+/// Builds the runtime of a reloaded configuration: blocking work (files, patterns, roots).
+fn build(loaded: Result<Config, ConfigError>, proxy: &Proxy) -> Result<Runtime, ReloadError> {
+    let config = loaded?;
+    let current = proxy.runtime();
+    // The warm upstream pool is kept when nothing the client is built from changed.
+    if current.upstream().same_client(&config) {
+        return Ok(Runtime::with_upstream(config, current.upstream().clone())?);
+    }
+    Ok(Runtime::new(config, proxy.metrics())?)
+}
+
+/// The policy mode as the config spells it, for the start-up line.
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Enforce => "enforce",
+        Mode::Audit => "audit",
     }
 }
 

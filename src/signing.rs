@@ -122,6 +122,8 @@ struct Keys {
     cloud: Credentials,
     project_id: Option<HeaderValue>,
     clients: HashMap<String, (SecretKey, Vec<String>)>,
+    /// A SHA-256 of every value read, to tell whether a re-read changed anything.
+    digest: [u8; 32],
 }
 
 /// What a signing or verification step refused.
@@ -193,9 +195,7 @@ impl Signer {
     /// Re-reads the keys; on failure the ones in force stay. `Ok(true)` when they changed.
     pub fn reload(&self) -> Result<bool, KeyError> {
         let fresh = load(&self.config)?;
-        let current = self.keys.load();
-        let changed = fresh.cloud.access_key() != current.cloud.access_key()
-            || fingerprint(&fresh) != fingerprint(&current);
+        let changed = fresh.digest != self.keys.load().digest;
         if changed {
             self.keys.store(Arc::new(fresh));
         }
@@ -336,32 +336,6 @@ fn requested_projects(parts: &Parts) -> Vec<String> {
     projects
 }
 
-/// A digest of every key, to tell whether a reload changed anything (not a secret: a hash).
-fn fingerprint(keys: &Keys) -> Vec<u8> {
-    let mut text = format!(
-        "{}\n{:?}\n",
-        keys.cloud.access_key(),
-        keys.project_id.as_ref().map(HeaderValue::as_bytes)
-    );
-    let mut clients: Vec<_> = keys.clients.keys().collect();
-    clients.sort();
-    for client in clients {
-        text.push_str(client);
-        text.push('\n');
-    }
-    // The secrets themselves are compared by signing a fixed text with each.
-    let probe = |secret: &SecretKey| sign::signature(secret, "19700101T000000Z", b"probe");
-    let mut out = text.into_bytes();
-    out.extend(probe(keys.cloud.secret()).into_bytes());
-    let mut client_keys: Vec<_> = keys.clients.iter().collect();
-    client_keys.sort_by(|a, b| a.0.cmp(b.0));
-    for (_, (secret, projects)) in client_keys {
-        out.extend(probe(secret).into_bytes());
-        out.extend(projects.join(",").into_bytes());
-    }
-    out
-}
-
 /// One value, from its file if configured, else from its environment variable.
 fn value(what: &'static str, file: Option<&Path>, env: &str) -> Result<Option<String>, KeyError> {
     match file {
@@ -419,16 +393,26 @@ fn load(config: &SigningConfig) -> Result<Keys, KeyError> {
             source,
         })?;
     let project_id = project
+        .as_deref()
         .map(|p| {
-            HeaderValue::from_str(&p).map_err(|_| KeyError::Invalid {
+            HeaderValue::from_str(p).map_err(|_| KeyError::Invalid {
                 what: "the project id".to_owned(),
                 source: sign::CredentialsError::AccessKey,
             })
         })
         .transpose()?;
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    for value in [Some(&ak), Some(&sk), token.as_ref(), project.as_ref()] {
+        digest.update(value.map_or("-", String::as_str).as_bytes());
+        digest.update(b"\0");
+    }
     let mut clients = HashMap::new();
     for client in &config.clients {
         let secret = read_trimmed("a client's secret key", &client.secret_key_file)?;
+        for part in [&client.access_key, &secret, &client.projects.join(",")] {
+            digest.update(part.as_bytes());
+            digest.update(b"\0");
+        }
         // Checked as credentials are, so that a key that could not sign is refused here.
         Credentials::new(&client.access_key, &secret, None).map_err(|source| {
             KeyError::Invalid {
@@ -441,10 +425,13 @@ fn load(config: &SigningConfig) -> Result<Keys, KeyError> {
             return Err(KeyError::DuplicateClient(client.access_key.clone()));
         }
     }
+    let mut sum = [0u8; 32];
+    sum.copy_from_slice(digest.finish().as_ref());
     Ok(Keys {
         cloud,
         project_id,
         clients,
+        digest: sum,
     })
 }
 

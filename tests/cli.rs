@@ -433,3 +433,155 @@ fn check_batch_answers_each_line_in_order() {
     assert_eq!(bad.status.code(), Some(64));
     assert!(stderr(&bad).contains("line 1"), "{}", stderr(&bad));
 }
+
+/// Writes `toml` to a file of its own and runs `snapguard check-config` on it.
+fn check_config(name: &str, toml: &str) -> Output {
+    let dir = std::env::temp_dir().join(format!("snapguard-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("snapguard.toml");
+    std::fs::write(&file, toml).unwrap();
+    let o = run(&["check-config", file.to_str().unwrap()], "");
+    std::fs::remove_dir_all(&dir).unwrap();
+    o
+}
+
+#[test]
+fn check_config_reports_every_problem_at_once_each_with_its_line_and_column() {
+    let o = check_config(
+        "every",
+        "[policy]\n\
+         max_body_bytes = 0\n\
+         \n\
+         [timeouts]\n\
+         idle = \"0s\"\n\
+         \n\
+         [[rules]]\n\
+         name = \"team\"\n\
+         fields = [\"title\"]\n\
+         max_chars = 10\n\
+         message = \"short names\"\n\
+         \n\
+         [[rules]]\n\
+         name = \"team\"\n\
+         max_chars = 20\n\
+         routes = [\"/v3/{project_id}/snapshots\", \"/v3/{project}/snapshots/{id}\"]\n\
+         message = \"shorter\"\n",
+    );
+    assert_eq!(o.status.code(), Some(64));
+    let err = stderr(&o);
+    for line in [
+        "invalid config, 5 errors:",
+        "policy.max_body_bytes (line 2, column 18): must be greater than 0",
+        "timeouts.idle (line 5, column 8): must be greater than 0s",
+        "rules[0].fields (line 9, column 10): rule 'team': no route polices the field \"title\"",
+        "rules[1].name (line 14, column 8): rule name 'team' is used twice",
+        "rules[1].routes[1] (line 16, column 41): rule 'team': /v3/{project}/snapshots/{id} is \
+         not a route of the table (did you mean /v3/{project_id}/snapshots/{snapshot_id}?)",
+    ] {
+        assert!(err.contains(line), "no {line:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn an_unknown_rule_route_is_answered_with_the_valid_ones() {
+    let o = check_config(
+        "templates",
+        "[[rules]]\nname = \"x\"\nmax_chars = 9\nroutes = [\"/v3/volumes\"]\nmessage = \"m\"\n",
+    );
+    assert_eq!(o.status.code(), Some(64));
+    let err = stderr(&o);
+    assert!(
+        err.contains("rules[0].routes[0] (line 4, column 11)") && !err.contains("did you mean"),
+        "{err}"
+    );
+    // Every template of the table, as a rule must spell it.
+    for template in [
+        "/v3/{project_id}/snapshots/{snapshot_id}",
+        "/v2/{project_id}/cloudsnapshots",
+        "/v5/{project_id}/snapshot-groups/{snapshot_group_id}",
+    ] {
+        assert!(err.contains(template), "{template} not listed:\n{err}");
+    }
+}
+
+#[test]
+fn errors_inside_rules_and_routes_tables_point_at_the_table_and_key() {
+    // toml alone stops at the first and points at the first [[rules]] whichever is bad.
+    let o = check_config(
+        "tables",
+        "[[rules]]\n\
+         name = \"good\"\n\
+         max_chars = 9\n\
+         message = \"m\"\n\
+         \n\
+         [[rules]]\n\
+         name = \"bad-pattern\"\n\
+         require = \"(\"\n\
+         message = \"m\"\n\
+         \n\
+         [[rules]]\n\
+         name = \"typo\"\n\
+         max_chars = 9\n\
+         mesage = \"m\"\n",
+    );
+    assert_eq!(o.status.code(), Some(64));
+    let err = stderr(&o);
+    assert!(
+        err.contains("rules[1].require (line 8, column 11): rule 'bad-pattern': require is not a valid pattern"),
+        "{err}"
+    );
+    assert!(
+        err.contains("rules[2].mesage (line 14, column 1): unknown field `mesage`"),
+        "{err}"
+    );
+
+    let o = check_config(
+        "routes",
+        "[[routes]]\n\
+         methods = [\"PUT\"]\n\
+         path = \"/v3/{project_id}/snapshots/{snapshot_id}\"\n\
+         name_fields = [\"name\"]\n\
+         \n\
+         [[routes]]\n\
+         methods = [\"POST\"]\n\
+         path = \"v3/{project_id}/snapshots\"\n\
+         name_fields = [\"name\"]\n",
+    );
+    assert_eq!(o.status.code(), Some(64));
+    let err = stderr(&o);
+    assert!(
+        err.contains("routes[1].path (line 8, column 8): route \"v3/{project_id}/snapshots\": the path must start with /"),
+        "{err}"
+    );
+}
+
+#[test]
+fn listen_and_admin_take_an_ip_and_a_port_not_a_host_name() {
+    let o = check_config("listen", "listen = \"localhost:8080\"\n");
+    assert_eq!(o.status.code(), Some(64));
+    let err = stderr(&o);
+    assert!(err.contains("line 1, column 10"), "{err}");
+    for words in [
+        "\"localhost:8080\" is not an IP address and port",
+        "127.0.0.1:8080",
+        "[::1]:8080",
+        "not a host name",
+    ] {
+        assert!(err.contains(words), "no {words:?} in:\n{err}");
+    }
+    let o = check_config("admin", "admin = \"127.0.0.1\"\n");
+    assert!(
+        stderr(&o).contains("\"127.0.0.1\" has no port"),
+        "{}",
+        stderr(&o)
+    );
+
+    // The flags say the same.
+    let o = run(&["--admin", "localhost:9901", "check", "GET", "/"], "");
+    assert_eq!(o.status.code(), Some(64));
+    assert!(
+        stderr(&o).contains("listen and admin take an IP:port"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -345,12 +345,37 @@ async fn host_and_forwarded_headers_are_set_for_the_upstream() {
     assert_eq!(got.status, StatusCode::OK);
     let seen = upstream.only();
     assert_eq!(seen.headers["host"], upstream.addr.to_string().as_str());
-    assert_eq!(seen.headers["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+    // The peer is not a trusted proxy: what it claims is overwritten.
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
     assert_eq!(seen.headers["x-forwarded-proto"], "http");
     assert_eq!(
         seen.headers["x-forwarded-host"],
         proxy.addr.to_string().as_str()
     );
+    assert!(!seen.headers.contains_key("forwarded"));
+
+    // From a trusted proxy, its chain is appended to and its proto and host kept.
+    let (upstream, proxy) = support::pair(
+        Reply::Ok,
+        "[forwarding]\ntrusted_proxies = [\"127.0.0.0/8\"]\n",
+    )
+    .await;
+    send(
+        Version::HTTP_11,
+        "GET",
+        &proxy.url("/v3/p1/volumes"),
+        &[
+            ("x-forwarded-for", "10.0.0.1"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "api.example.com"),
+        ],
+        "",
+    )
+    .await;
+    let seen = upstream.only();
+    assert_eq!(seen.headers["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+    assert_eq!(seen.headers["x-forwarded-proto"], "https");
+    assert_eq!(seen.headers["x-forwarded-host"], "api.example.com");
 
     let (upstream, proxy) = support::pair(
         Reply::Ok,
@@ -1174,4 +1199,29 @@ async fn the_downstream_is_answered_in_its_own_http_version() {
     )
     .await;
     assert_eq!(got.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_exchange_the_downstream_abandons_is_finished_and_its_connection_kept() {
+    // Each request is abandoned (its stream reset, or its client gone) 20 ms after it was sent,
+    // before the upstream's answer at 150 ms. The exchange is finished in the background and its
+    // connection pooled again: ten abandoned requests need one upstream connection, not ten.
+    let (upstream, proxy) = support::pair(Reply::Slow(Duration::from_millis(150)), "").await;
+    for version in [Version::HTTP_2, Version::HTTP_11] {
+        for _ in 0..5 {
+            let url = proxy.url("/v3/p1/volumes");
+            let abandoned = tokio::time::timeout(
+                Duration::from_millis(20),
+                send(version, "GET", &url, &[], ""),
+            );
+            assert!(abandoned.await.is_err(), "answered before it was abandoned");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    assert_eq!(upstream.seen().len(), 10);
+    assert_eq!(
+        upstream.accepted(),
+        1,
+        "abandoned exchanges threw their connections away"
+    );
 }

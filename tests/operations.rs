@@ -549,3 +549,389 @@ async fn a_long_response_is_not_cut_by_the_idle_timeout() {
         assert_eq!(got.status, StatusCode::OK, "{version:?}");
     }
 }
+
+#[tokio::test]
+async fn a_silent_admin_connection_is_closed_after_the_header_timeout() {
+    let (_upstream, proxy) = support::pair(Reply::Ok, "").await;
+    let header = snapguard::admin::HEADER_TIMEOUT;
+    let mut silent = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
+    let started = std::time::Instant::now();
+    assert!(
+        closed_within(&mut silent, header + Duration::from_secs(3)).await,
+        "a silent admin connection is closed"
+    );
+    let closed = started.elapsed();
+    assert!(
+        closed >= header - Duration::from_millis(500),
+        "closed after {closed:?}, before the header timeout"
+    );
+}
+
+#[tokio::test]
+async fn the_admin_listener_serves_at_most_its_connection_limit_at_once() {
+    let (_upstream, proxy) = support::pair(Reply::Ok, "").await;
+    const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n";
+    async fn answered(stream: &mut tokio::net::TcpStream, wait: Duration) -> bool {
+        let mut buf = [0u8; 1024];
+        matches!(
+            tokio::time::timeout(wait, stream.read(&mut buf)).await,
+            Ok(Ok(n)) if buf[..n].starts_with(b"HTTP/1.1 200")
+        )
+    }
+    // Every slot held by a kept-alive connection. They are closed HEADER_TIMEOUT (5 s) after
+    // their answer, so everything below happens well within that.
+    let started = std::time::Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..snapguard::admin::MAX_CONNECTIONS {
+        let mut stream = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
+        stream.write_all(HEALTHZ).await.unwrap();
+        assert!(answered(&mut stream, Duration::from_secs(2)).await);
+        held.push(stream);
+    }
+    let mut next = tokio::net::TcpStream::connect(proxy.admin).await.unwrap();
+    next.write_all(HEALTHZ).await.unwrap();
+    assert!(
+        !answered(&mut next, Duration::from_secs(1)).await,
+        "one more connection than the limit was served"
+    );
+    assert!(
+        started.elapsed() < snapguard::admin::HEADER_TIMEOUT - Duration::from_secs(1),
+        "too slow to tell the limit from the header timeout: {:?}",
+        started.elapsed()
+    );
+    drop(held.pop());
+    assert!(
+        answered(&mut next, Duration::from_secs(2)).await,
+        "served as soon as a slot is free"
+    );
+    // The proxy's own traffic port is not affected.
+    let got = send(
+        Version::HTTP_11,
+        "GET",
+        &proxy.url("/v3/p1/volumes"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_refusal_quotes_a_64_kib_value_in_part() {
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
+    let list = format!("[{}1]", "1,".repeat(32_700));
+    for body in [
+        format!(r#"{{"snapshot":{{"name":{list}}}}}"#),
+        format!(r#"{{"snapshot":{list}}}"#),
+    ] {
+        assert!(
+            body.len() > 65_000 && body.len() <= 65_536,
+            "{}",
+            body.len()
+        );
+        let got = send(
+            Version::HTTP_11,
+            "PUT",
+            &proxy.url(UPDATE),
+            &[("content-type", "application/json")],
+            body,
+        )
+        .await;
+        assert_eq!(got.status, StatusCode::BAD_REQUEST);
+        assert!(got.body.len() < 1024, "{} bytes", got.body.len());
+        let message = got.json()["badRequest"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            message.contains("[1,1,1,") && message.contains("..."),
+            "{message}"
+        );
+    }
+    assert!(upstream.seen().is_empty());
+}
+
+/// The WARN line the upstream failure of one request left in `bin`'s log.
+fn upstream_failure(bin: &Binary) -> String {
+    let log = bin.log();
+    log.lines()
+        .find(|l| l.contains("WARN") && l.contains("upstream failure"))
+        .unwrap_or_else(|| panic!("no upstream failure logged:\n{log}"))
+        .to_owned()
+}
+
+/// A TLS upstream serving `cert` (signed by `key`).
+async fn tls_upstream(cert: &rcgen::Certificate, key: &rcgen::KeyPair) -> Upstream {
+    let key = tokio_rustls::rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let tls = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)
+        .unwrap();
+    Upstream::start_with(
+        Reply::Ok,
+        Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls))),
+    )
+    .await
+}
+
+/// Each way a connection to the upstream fails is logged with what failed, where, and what to
+/// do, in words; the downstream gets the same fixed text whatever it was.
+#[tokio::test]
+async fn upstream_connection_failures_are_logged_with_cause_place_and_fix() {
+    let closed = support::free_addr();
+    let plain = Upstream::start(Reply::Ok).await;
+    // A self-signed CA certificate, served as the upstream's own and given as its CA.
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let ca = params.self_signed(&key).unwrap();
+    let ca_upstream = tls_upstream(&ca, &key).await;
+    let ca_file = std::env::temp_dir().join(format!(
+        "snapguard-test-ca-as-leaf-{}.pem",
+        ca_upstream.addr.port()
+    ));
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    // The file is validated before the flags apply: it names the https upstream too.
+    let with_ca = format!(
+        "[upstream]\nurl = \"https://{}\"\nca_file = {:?}\n",
+        ca_upstream.addr,
+        ca_file.display().to_string()
+    );
+
+    let cases = [
+        (
+            format!("http://{closed}"),
+            String::new(),
+            vec![
+                format!(
+                    "cannot connect to upstream http://{closed}: {closed} refused the connection"
+                ),
+                "check the port in upstream.url".to_owned(),
+            ],
+        ),
+        (
+            "http://does-not-exist.invalid:8776".to_owned(),
+            String::new(),
+            vec![
+                "cannot resolve does-not-exist.invalid, the host of upstream \
+                 http://does-not-exist.invalid:8776"
+                    .to_owned(),
+                "check the host name in upstream.url".to_owned(),
+            ],
+        ),
+        (
+            format!("https://{}", plain.addr),
+            String::new(),
+            vec![
+                format!(
+                    "TLS handshake with upstream https://{0} failed: {0} answered in plain text, \
+                     not TLS",
+                    plain.addr
+                ),
+                "write http:// in upstream.url".to_owned(),
+            ],
+        ),
+        (
+            format!("https://{}", ca_upstream.addr),
+            with_ca,
+            vec![
+                format!(
+                    "the certificate of upstream https://{} was refused: it is a CA certificate",
+                    ca_upstream.addr
+                ),
+                "serve a certificate issued by that CA".to_owned(),
+            ],
+        ),
+    ];
+    for (url, toml, wanted) in cases {
+        let bin = Binary::start(binary_path(), &url, &toml, &[]).await;
+        let got = send(Version::HTTP_11, "GET", &bin.url("/v3/p1/volumes"), &[], "").await;
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{url}");
+        assert_eq!(
+            got.json()["computeFault"]["message"],
+            "The block storage service could not be reached.",
+            "the downstream is told nothing of the cause"
+        );
+        let line = upstream_failure(&bin);
+        for words in wanted {
+            assert!(line.contains(&words), "{url}: no {words:?} in\n{line}");
+        }
+    }
+    std::fs::remove_file(&ca_file).unwrap();
+}
+
+/// A warning and the access line of the same request carry the same plain request id, so
+/// that JSON log lines can be joined on it.
+#[tokio::test]
+async fn json_log_lines_of_one_request_carry_the_same_plain_request_id() {
+    // Audit mode warns about the violation it forwards; a closed upstream port adds an
+    // upstream failure to the same request.
+    let closed = support::free_addr();
+    let bin = Binary::start(
+        binary_path(),
+        &format!("http://{closed}"),
+        "[policy]\nmode = \"audit\"\n[log]\nformat = \"json\"\n",
+        &[],
+    )
+    .await;
+    let got = send(Version::HTTP_11, "PUT", &bin.url(UPDATE), &[], RESERVED).await;
+    assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+    let id = got.headers["x-request-id"].to_str().unwrap().to_owned();
+    let log = bin.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|l: &serde_json::Value| l.get("request_id").is_some())
+        .collect();
+    let message = |l: &serde_json::Value| l["message"].as_str().unwrap_or("").to_owned();
+    for wanted in [
+        "policy violation forwarded (audit mode)",
+        "upstream failure",
+    ] {
+        let line = lines
+            .iter()
+            .find(|l| message(l) == wanted)
+            .unwrap_or_else(|| panic!("no {wanted:?} line with a request_id in:\n{log}"));
+        assert_eq!(
+            line["request_id"], id,
+            "{wanted:?}: the request id as the access line has it (src/proxy.rs must log \
+             `request_id = cx.id.to_str().unwrap_or(\"-\")`, not `?cx.id`)"
+        );
+    }
+    let access = lines
+        .iter()
+        .find(|l| l["target"] == "snapguard::access")
+        .unwrap_or_else(|| panic!("no access line:\n{log}"));
+    assert_eq!(access["request_id"], id);
+}
+
+/// A reload that changes nothing the upstream client is built from keeps it, and the
+/// connection it holds open; one that does builds a new one.
+#[tokio::test]
+async fn a_reload_with_the_same_upstream_keeps_the_pooled_connection() {
+    let upstream = Upstream::start(Reply::Ok).await;
+    let proxy = Proxy::start(&upstream.url(), "").await;
+    let Some(handle) = proxy.handle.clone() else {
+        return; // A spawned binary (SNAPGUARD_BIN): covered by the SIGHUP tests.
+    };
+    let url = proxy.url("/v3/p1/volumes");
+    let get = || send(Version::HTTP_11, "GET", &url, &[], "");
+    assert_eq!(get().await.status, StatusCode::OK);
+    assert_eq!(upstream.accepted(), 1);
+
+    let config = |toml: &str| {
+        let mut config = snapguard::Config::from_toml(toml).unwrap();
+        config.upstream.url = upstream.url().parse().unwrap();
+        config
+    };
+    // The policy changes, the upstream does not.
+    let same = config("[policy]\nreserved_prefixes = [\"team_\"]\n");
+    handle.reload_with(move || Ok(same)).await.unwrap();
+    assert_eq!(get().await.status, StatusCode::OK);
+    assert_eq!(
+        upstream.accepted(),
+        1,
+        "the warm connection was dropped by a reload that did not touch the upstream \
+         (src/proxy.rs needs `Runtime::with_upstream`, see the ops report)"
+    );
+
+    let other = config("[timeouts]\nupstream_idle = \"30s\"\n");
+    handle.reload_with(move || Ok(other)).await.unwrap();
+    assert_eq!(get().await.status, StatusCode::OK);
+    assert_eq!(
+        upstream.accepted(),
+        2,
+        "a new client for a new pool timeout"
+    );
+}
+
+/// The reload's slow part (reading, compiling, loading roots) runs off the runtime: on a
+/// single-threaded runtime, as `workers = 1` runs, a request is served while a reload loads.
+#[tokio::test]
+async fn a_slow_reload_does_not_stall_traffic() {
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
+    let Some(handle) = proxy.handle.clone() else {
+        return;
+    };
+    let mut config = snapguard::Config::default();
+    config.upstream.url = upstream.url().parse().unwrap();
+    let reload = tokio::spawn(async move {
+        handle
+            .reload_with(move || {
+                std::thread::sleep(Duration::from_millis(1500));
+                Ok(config)
+            })
+            .await
+            .is_ok()
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    let got = send(
+        Version::HTTP_11,
+        "GET",
+        &proxy.url("/v3/p1/volumes"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "a request waited {:?} for a reload",
+        started.elapsed()
+    );
+    assert!(reload.await.unwrap(), "the reload went through");
+}
+
+/// Log lines written on this thread, for the in-process server.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_reload_that_moves_the_listeners_names_the_addresses_in_force_and_reloaded() {
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
+    let Some(handle) = proxy.handle.clone() else {
+        return;
+    };
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let mut config = snapguard::Config::default();
+    config.upstream.url = upstream.url().parse().unwrap();
+    config.listen = "127.0.0.1:18081".parse().unwrap();
+    config.admin = "127.0.0.1:0".parse().unwrap();
+    handle.reload(Ok(config)).unwrap();
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    // In-process, the listener in force is the configured 127.0.0.1:0.
+    let line = log
+        .lines()
+        .find(|l| l.contains("WARN"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains("listen changes only on restart: still serving on the address in force")
+            && line.contains("in_force=127.0.0.1:0")
+            && line.contains("reloaded=127.0.0.1:18081"),
+        "{line}"
+    );
+    assert!(
+        !log.contains("admin changes"),
+        "admin did not change:\n{log}"
+    );
+}

@@ -17,9 +17,14 @@
 //! Certificate verification is always on: the system roots, plus an optional CA bundle for
 //! private gateways. The ring provider is used explicitly so the build pulls no second crypto
 //! library.
+//!
+//! A failed connection is logged with its cause in words ([`diagnose`]); a reload that changes
+//! nothing the client is built from keeps it, and its warm connections ([`Upstream::same_client`]).
 
+mod diagnose;
 mod pool;
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Duration;
@@ -37,19 +42,32 @@ use tower_service::Service;
 
 pub use self::pool::Lease;
 use self::pool::{Pool, Sender};
-use crate::body::ProxyBody;
-use crate::config::Config;
+use crate::body::{Progress, ProxyBody};
+use crate::config::{Config, UpstreamUrl};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why the upstream client could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read CA bundle {path}: {source}")]
+    #[error("cannot read upstream.ca_file {path}: {source}")]
     CaFile {
-        path: std::path::PathBuf,
+        path: PathBuf,
         #[source]
         source: rustls_pki_types::pem::Error,
+    },
+    /// A file of keys, or of anything but PEM certificates, would otherwise add no root at all,
+    /// and every handshake would fail later with a less telling error.
+    #[error(
+        "upstream.ca_file {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----): give \
+         the CA that issued the upstream's certificate"
+    )]
+    NoCaCertificate { path: PathBuf },
+    #[error("upstream.ca_file {path}: a certificate cannot be used as a root: {source}")]
+    CaCertificate {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
     },
     #[error(
         "no trusted root certificate: install the system CA certificates or set upstream.ca_file"
@@ -64,7 +82,7 @@ pub enum TlsError {
 pub enum SendError {
     /// No connection: refused, unreachable, timed out, or the TLS handshake failed.
     #[error("{0}")]
-    Connect(#[source] BoxError),
+    Connect(#[source] ConnectError),
     /// The exchange failed on an open connection; also when the request body broke off
     /// ([`hyper::Error::is_user`]).
     #[error("{0}")]
@@ -73,6 +91,84 @@ pub enum SendError {
     /// (`queue_timeout`).
     #[error("{0}")]
     Busy(&'static str),
+}
+
+/// No connection to the upstream could be made. It prints what failed, where, and the likely
+/// fix, for the log ([`diagnose::explain`]); the downstream is told a fixed text instead.
+pub struct ConnectError {
+    inputs: Arc<Inputs>,
+    source: BoxError,
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let target = diagnose::Target {
+            url: &self.inputs.url,
+            ca_file: self.inputs.ca_file.as_ref().map(|(path, _)| path.as_path()),
+            connect_timeout: self.inputs.connect_timeout,
+        };
+        f.write_str(&diagnose::explain(&target, &*self.source))
+    }
+}
+
+// Written out: the derived one would print the CA bundle's bytes.
+impl std::fmt::Debug for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectError")
+            .field("upstream", &self.inputs.url.to_string())
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl std::error::Error for ConnectError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// Everything of the config an [`Upstream`] is built from. A reload that changes none of it
+/// keeps the client, and with it the warm connections and the slots in use.
+#[derive(PartialEq, Eq)]
+struct Inputs {
+    url: UpstreamUrl,
+    /// The CA bundle's path and its bytes as read: a bundle rotated in place is a change.
+    ca_file: Option<(PathBuf, Vec<u8>)>,
+    connect_timeout: Duration,
+    tcp_keepalive: Duration,
+    max_connections: usize,
+    max_waiting: usize,
+    queue_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl Inputs {
+    /// Reads the CA bundle, if any: call it off the runtime.
+    fn of(config: &Config) -> Result<Self, TlsError> {
+        let ca_file = match &config.upstream.ca_file {
+            Some(path) => match std::fs::read(path) {
+                Ok(bytes) => Some((path.clone(), bytes)),
+                Err(e) => {
+                    return Err(TlsError::CaFile {
+                        path: path.clone(),
+                        source: rustls_pki_types::pem::Error::Io(e),
+                    })
+                }
+            },
+            None => None,
+        };
+        let (t, l) = (&config.timeouts, &config.limits);
+        Ok(Self {
+            url: config.upstream.url.clone(),
+            ca_file,
+            connect_timeout: t.upstream_connect,
+            tcp_keepalive: t.tcp_keepalive,
+            max_connections: l.max_upstream_connections,
+            max_waiting: l.max_upstream_waiting,
+            queue_timeout: t.upstream_queue,
+            idle_timeout: t.upstream_idle,
+        })
+    }
 }
 
 pub struct Upstream {
@@ -90,14 +186,21 @@ pub struct Upstream {
     queue_timeout: Duration,
     waiting_gauge: Gauge,
     idle_timeout: Duration,
+    /// Background drains of exchanges whose downstream went away, at most one per slot.
+    drains: Arc<Semaphore>,
+    /// The pace new connections are opened at.
+    connects: ConnectPace,
     /// Starts the pool's reaper with the first connection (a runtime is needed to spawn it,
     /// and a pool with no connection has nothing to reap).
     reaper: Once,
+    /// What it was built from, for [`Upstream::same_client`] and for connect errors to say.
+    inputs: Arc<Inputs>,
 }
 
 impl Upstream {
     /// `waiting` counts the requests waiting for a connection, for the metrics.
     pub fn new(config: &Config, waiting: Gauge) -> Result<Self, TlsError> {
+        let inputs = Arc::new(Inputs::of(config)?);
         let mut http = HttpConnector::new();
         // The https connector below decides the scheme; the TCP connector must not refuse https.
         http.enforce_http(false);
@@ -109,7 +212,7 @@ impl Upstream {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots(config)?)
+            .with_root_certificates(roots(&inputs)?)
             .with_no_client_auth();
         let connector = HttpsConnectorBuilder::new()
             .with_tls_config(tls)
@@ -126,7 +229,14 @@ impl Upstream {
         Ok(Self {
             connector,
             base,
-            handshake: http1::Builder::new(),
+            handshake: {
+                // hyper's default read buffer grows to about 400 KiB per connection; a response
+                // streaming to a slow reader would hold that much. 64 KiB reads keep memory per
+                // stalled exchange small at no cost in throughput.
+                let mut builder = http1::Builder::new();
+                builder.max_buf_size(64 * 1024);
+                builder
+            },
             // Idle connections for as many requests as may be in the upstream's hands at once.
             pool: Pool::new(config.limits.max_upstream_connections),
             slots: Semaphore::new(config.limits.max_upstream_connections),
@@ -135,7 +245,30 @@ impl Upstream {
             queue_timeout: config.timeouts.upstream_queue,
             waiting_gauge: waiting,
             idle_timeout: config.timeouts.upstream_idle,
+            drains: Arc::new(Semaphore::new(config.limits.max_upstream_connections)),
+            // As many at once as there are slots, then at least 64 a second: far above what
+            // pooled traffic needs, far below a storm (the 10 s of a reset storm open at most
+            // about 700 with the default limit).
+            connects: {
+                let n = config.limits.max_upstream_connections;
+                ConnectPace::new(n.max(64), n.max(16))
+            },
             reaper: Once::new(),
+            inputs,
+        })
+    }
+
+    /// Whether `config` would build this very client: same upstream, CA bundle (path and
+    /// content), connect and pool timeouts, and limits. A reload may then keep this one, and
+    /// the connections it holds open. Reads the CA bundle: call it off the runtime.
+    pub fn same_client(&self, config: &Config) -> bool {
+        Inputs::of(config).is_ok_and(|inputs| inputs == *self.inputs)
+    }
+
+    fn connect_error(&self, source: BoxError) -> SendError {
+        SendError::Connect(ConnectError {
+            inputs: self.inputs.clone(),
+            source,
         })
     }
 
@@ -144,6 +277,7 @@ impl Upstream {
     pub async fn send(
         &self,
         mut req: Request<ProxyBody>,
+        request: &Arc<Progress>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         // Held until the response head has arrived.
         let _slot = self.slot().await?;
@@ -164,11 +298,22 @@ impl Upstream {
                 }
                 return Err(SendError::Exchange(e));
             }
-            let response = conn.try_send_request(req);
-            let lease = self.pool.lease(conn);
-            match response.await {
-                Ok(response) => return Ok((response, lease)),
-                Err(mut e) => match e.take_message() {
+            let mut exchange = Exchange {
+                response: Some(Box::pin(conn.try_send_request(req))),
+                lease: Some(self.pool.lease(conn)),
+                request: request.clone(),
+                drains: self.drains.clone(),
+            };
+            let Some(response) = exchange.response.as_mut() else {
+                return Err(SendError::Busy("internal"));
+            };
+            let result = response.await;
+            exchange.response = None;
+            let lease = exchange.lease.take();
+            match (result, lease) {
+                (Ok(response), Some(lease)) => return Ok((response, lease)),
+                (Ok(_), None) => return Err(SendError::Busy("internal")),
+                (Err(mut e), _) => match e.take_message() {
                     // The upstream closed a pooled connection as the request went out, before
                     // any of it was written: try again.
                     Some(unsent) if reused && retries > 0 => {
@@ -204,19 +349,23 @@ impl Upstream {
         }
     }
 
-    /// Opens a connection.
+    /// Opens a connection, at the pace `connects` allows.
     async fn connect(&self) -> Result<Sender, SendError> {
+        let wait = self.connects.reserve(std::time::Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
         let io = self
             .connector
             .clone()
             .call(self.base.clone())
             .await
-            .map_err(SendError::Connect)?;
+            .map_err(|e| self.connect_error(e))?;
         let (sender, connection) = self
             .handshake
             .handshake(io)
             .await
-            .map_err(|e| SendError::Connect(e.into()))?;
+            .map_err(|e| self.connect_error(e.into()))?;
         // The connection runs until the upstream closes it or its sender is dropped.
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -233,10 +382,105 @@ impl Upstream {
     }
 }
 
+type ResponseFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<
+                    Response<Incoming>,
+                    hyper::client::conn::TrySendError<Request<ProxyBody>>,
+                >,
+            > + Send,
+    >,
+>;
+
+/// An exchange in flight on a leased connection. If the request's future is dropped before the
+/// response head arrives (an HTTP/2 stream reset by the downstream, a client gone), the exchange
+/// is finished in the background within a small budget (a few seconds, 256 KiB of body) and the
+/// connection pooled again, instead of thrown away: a storm of resets must not become a storm of
+/// new upstream connections.
+struct Exchange {
+    response: Option<ResponseFuture>,
+    lease: Option<Lease>,
+    request: Arc<Progress>,
+    drains: Arc<Semaphore>,
+}
+
+/// How long, and how much of a response, a background drain may take.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+const DRAIN_BYTES: usize = 256 * 1024;
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let (Some(response), Some(lease)) = (self.response.take(), self.lease.take()) else {
+            return;
+        };
+        // Bounded: past as many drains as there are slots, the connection is simply closed.
+        let Ok(permit) = self.drains.clone().try_acquire_owned() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let request = self.request.clone();
+        runtime.spawn(async move {
+            let _permit = permit;
+            let drained = tokio::time::timeout(DRAIN_TIME, async {
+                let mut body = response.await.ok()?.into_body();
+                let mut read = 0;
+                while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+                    read += frame.ok()?.data_ref().map_or(0, bytes::Bytes::len);
+                    if read > DRAIN_BYTES {
+                        return None;
+                    }
+                }
+                Some(())
+            });
+            if matches!(drained.await, Ok(Some(()))) && request.sent_whole() {
+                lease.release();
+            }
+        });
+    }
+}
+
+/// The pace new upstream connections are opened at: at most `burst` at once, then
+/// `per_second` (a generic cell rate: each connection reserves the next instant). No downstream
+/// behaviour can then turn into a connection storm on the upstream.
+struct ConnectPace {
+    interval: Duration,
+    burst: Duration,
+    next: std::sync::Mutex<std::time::Instant>,
+}
+
+impl ConnectPace {
+    fn new(per_second: usize, burst: usize) -> Self {
+        let per_second = u32::try_from(per_second.max(1)).unwrap_or(u32::MAX);
+        let burst = u32::try_from(burst.max(1)).unwrap_or(u32::MAX);
+        let interval = Duration::from_secs(1) / per_second;
+        Self {
+            interval,
+            // Credit for `burst` connections at once: the last of them opens at `now`.
+            burst: interval * (burst - 1),
+            next: std::sync::Mutex::new(std::time::Instant::now()),
+        }
+    }
+
+    /// Reserves a connection; returns how long to wait before opening it.
+    fn reserve(&self, now: std::time::Instant) -> Duration {
+        let mut next = self
+            .next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The earliest the reservation can be, with up to `burst` of credit banked.
+        let at = (*next).max(now.checked_sub(self.burst).unwrap_or(now));
+        *next = at + self.interval;
+        at.saturating_duration_since(now)
+    }
+}
+
 /// System roots plus the configured bundle; none at all for a plain-http upstream.
-fn roots(config: &Config) -> Result<rustls::RootCertStore, TlsError> {
+fn roots(inputs: &Inputs) -> Result<rustls::RootCertStore, TlsError> {
     let mut roots = rustls::RootCertStore::empty();
-    if config.upstream.url.scheme != http::uri::Scheme::HTTPS {
+    if inputs.url.scheme != http::uri::Scheme::HTTPS {
         return Ok(roots);
     }
     let native = rustls_native_certs::load_native_certs();
@@ -244,19 +488,42 @@ fn roots(config: &Config) -> Result<rustls::RootCertStore, TlsError> {
         tracing::warn!(error = %e, "could not load some system root certificates");
     }
     roots.add_parsable_certificates(native.certs);
-    if let Some(path) = &config.upstream.ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+    if let Some((path, bytes)) = &inputs.ca_file {
+        let certs = CertificateDer::pem_slice_iter(bytes)
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|source| TlsError::CaFile {
                 path: path.clone(),
                 source,
             })?;
+        if certs.is_empty() {
+            return Err(TlsError::NoCaCertificate { path: path.clone() });
+        }
         for cert in certs {
-            roots.add(cert)?;
+            roots.add(cert).map_err(|source| TlsError::CaCertificate {
+                path: path.clone(),
+                source,
+            })?;
         }
     }
     if roots.is_empty() {
         return Err(TlsError::NoRoots);
     }
     Ok(roots)
+}
+
+#[cfg(test)]
+mod pace_tests {
+    use super::*;
+
+    #[test]
+    fn connections_open_in_a_burst_then_at_the_pace() {
+        let pace = ConnectPace::new(4, 4);
+        let later = std::time::Instant::now() + Duration::from_secs(5);
+        let waits: Vec<Duration> = (0..6).map(|_| pace.reserve(later)).collect();
+        assert!(waits[..4].iter().all(Duration::is_zero), "{waits:?}");
+        assert_eq!(waits[4], Duration::from_millis(250));
+        assert_eq!(waits[5], Duration::from_millis(500));
+        // A second later, one more is free again.
+        assert!(pace.reserve(later + Duration::from_millis(1500)).is_zero());
+    }
 }
