@@ -28,6 +28,10 @@ pub struct Config {
     pub admin: SocketAddr,
     /// Worker threads of the runtime; 0 means one per CPU. Changes need a restart.
     pub workers: usize,
+    /// How often the config file is checked for changes, and reloaded when it changed; 0s for
+    /// never (SIGHUP still reloads it).
+    #[serde(deserialize_with = "duration")]
+    pub reload_interval: Duration,
     pub upstream: UpstreamConfig,
     pub policy: PolicyConfig,
     pub forwarding: ForwardingConfig,
@@ -50,6 +54,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin: SocketAddr::from(([127, 0, 0, 1], 9901)),
             workers: 0,
+            reload_interval: Duration::from_secs(10),
             upstream: UpstreamConfig::default(),
             policy: PolicyConfig::default(),
             forwarding: ForwardingConfig::default(),

@@ -130,9 +130,15 @@ fn run_proxy(cli: &Cli) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let reloads = tokio::spawn(reload_on_sighup(cli.clone(), server.handle(), filter));
+        let reloads = tokio::spawn(reload_on_sighup(
+            cli.clone(),
+            server.handle(),
+            filter.clone(),
+        ));
+        let watch = tokio::spawn(reload_on_change(cli.clone(), server.handle(), filter));
         server.run(server::shutdown_signal()).await;
         reloads.abort();
+        watch.abort();
         ExitCode::SUCCESS
     })
 }
@@ -185,14 +191,48 @@ async fn reload_on_sighup(cli: Cli, handle: Handle, filter: FilterHandle) {
         .map_or_else(|| "-".to_owned(), |path| path.display().to_string());
     while hangups.recv().await.is_some() {
         tracing::info!(file = %file, "SIGHUP: reloading the config");
-        let cli = cli.clone();
-        // Read and built off the runtime: with one worker, traffic would wait for it.
-        let reloaded = handle.reload_with(move || load(&cli, cli.config.as_ref()));
-        if let Ok(runtime) = reloaded.await {
-            if std::env::var_os("RUST_LOG").is_none() {
-                if let Err(e) = filter.reload(EnvFilter::new(&runtime.config.log.level)) {
-                    tracing::warn!(error = %e, "could not apply the new log level");
-                }
+        reload(&cli, &handle, &filter).await;
+    }
+}
+
+/// Reloads the config file whenever its contents change, checked every `reload_interval`:
+/// Kubernetes updates a mounted ConfigMap by swapping a `..data` symlink, and sends no signal.
+async fn reload_on_change(cli: Cli, handle: Handle, filter: FilterHandle) {
+    let Some(path) = cli.config.clone() else {
+        return;
+    };
+    let read = |path: PathBuf| async move {
+        tokio::task::spawn_blocking(move || std::fs::read(path).ok())
+            .await
+            .ok()
+            .flatten()
+    };
+    let mut last = read(path.clone()).await;
+    loop {
+        let every = handle.runtime().config.reload_interval;
+        if every.is_zero() {
+            return;
+        }
+        tokio::time::sleep(every).await;
+        let now = read(path.clone()).await;
+        // A file that vanished for a moment (mid-swap) is not a change to act on.
+        if now.is_some() && now != last {
+            tracing::info!(file = %path.display(), "config file changed: reloading");
+            reload(&cli, &handle, &filter).await;
+            last = now;
+        }
+    }
+}
+
+/// Reloads the config (read and built off the runtime: with one worker, traffic would wait
+/// for it), and the log level with it unless `RUST_LOG` rules.
+async fn reload(cli: &Cli, handle: &Handle, filter: &FilterHandle) {
+    let cli = cli.clone();
+    let reloaded = handle.reload_with(move || load(&cli, cli.config.as_ref()));
+    if let Ok(runtime) = reloaded.await {
+        if std::env::var_os("RUST_LOG").is_none() {
+            if let Err(e) = filter.reload(EnvFilter::new(&runtime.config.log.level)) {
+                tracing::warn!(error = %e, "could not apply the new log level");
             }
         }
     }

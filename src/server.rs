@@ -413,6 +413,11 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// The runtime in force now.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.proxy.runtime()
+    }
+
     /// Loads a configuration with `load` and builds what it needs (files read, patterns
     /// compiled, root certificates loaded) on a blocking thread, then swaps it in. That work
     /// takes a while, and on the runtime's threads it would stall every connection meanwhile,

@@ -935,3 +935,52 @@ async fn a_reload_that_moves_the_listeners_names_the_addresses_in_force_and_relo
         "admin did not change:\n{log}"
     );
 }
+
+#[tokio::test]
+async fn a_changed_config_file_is_reloaded_without_a_signal() {
+    // As a Kubernetes ConfigMap update reaches a pod: the file changes, nobody sends SIGHUP.
+    let upstream = Upstream::start(Reply::Ok).await;
+    let bin = Binary::start(
+        binary_path(),
+        &upstream.url(),
+        "reload_interval = \"200ms\"\n[policy]\nreserved_prefixes = [\"autobk_snapshot_\"]\n",
+        &[],
+    )
+    .await;
+    let team = r#"{"snapshot":{"name":"team_x"}}"#;
+    let url = bin.url(UPDATE);
+    let put = || send(Version::HTTP_11, "PUT", &url, &[], team);
+    assert_eq!(put().await.status, StatusCode::OK);
+    std::fs::write(
+        &bin.config,
+        "reload_interval = \"200ms\"\n[policy]\nreserved_prefixes = [\"autobk_snapshot_\", \"team_\"]\n",
+    )
+    .unwrap();
+    await_sample(
+        bin.admin,
+        r#"snapguard_config_reloads_total{result="success"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        put().await.status,
+        StatusCode::BAD_REQUEST,
+        "the new prefix is in force"
+    );
+    // A bad file keeps the config in force, and is not retried until it changes again.
+    std::fs::write(&bin.config, "reload_interval = \"200ms\"\nnot_a_key = 1\n").unwrap();
+    await_sample(
+        bin.admin,
+        r#"snapguard_config_reloads_total{result="failure"}"#,
+        1.0,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    await_sample(
+        bin.admin,
+        r#"snapguard_config_reloads_total{result="failure"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(put().await.status, StatusCode::BAD_REQUEST);
+}

@@ -427,6 +427,13 @@ impl Binary {
         let mut command = Command::new(bin);
         command.env_remove("SNAPGUARD_CONFIG");
         if let Some(toml) = toml {
+            // Tests that rewrite the file reload it with SIGHUP, unless they ask for the watch:
+            // a watch picking a rewrite up first would reload it twice.
+            let toml = if toml.contains("reload_interval") {
+                toml.to_owned()
+            } else {
+                format!("reload_interval = \"0s\"\n{toml}")
+            };
             std::fs::write(&config, toml).unwrap();
             command.arg("--config").arg(&config);
         }
