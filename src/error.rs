@@ -34,6 +34,9 @@ pub enum Error {
     BodyStalled(#[source] Stall),
     #[error("request target {0:?} cannot be forwarded")]
     BadTarget(String),
+    /// An HTTP/1.1 request without exactly one plain `host[:port]` (RFC 9112 section 3.2).
+    #[error("invalid request: {0}")]
+    BadHost(&'static str),
     #[error("method {0} is not proxied")]
     Method(http::Method),
     /// Its text says what failed, where, and the likely fix: for the log, never the downstream.
@@ -68,7 +71,7 @@ impl Error {
                 _ => StatusCode::BAD_REQUEST,
             },
             Self::BodyTimeout(_) | Self::BodyStalled(_) => StatusCode::REQUEST_TIMEOUT,
-            Self::BodyRead(_) | Self::DownstreamBody(_) | Self::BadTarget(_) => {
+            Self::BodyRead(_) | Self::DownstreamBody(_) | Self::BadTarget(_) | Self::BadHost(_) => {
                 StatusCode::BAD_REQUEST
             }
             Self::Method(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -89,6 +92,7 @@ impl Error {
             Self::BodyRead(_) => "body_read",
             Self::DownstreamBody(_) => "downstream_body",
             Self::BadTarget(_) => "bad_target",
+            Self::BadHost(_) => "bad_host",
             Self::Method(_) => "method",
             Self::UpstreamConnect(_) => "connect",
             Self::Upstream(_) => "reset",
@@ -126,6 +130,7 @@ impl Error {
                 "The request body could not be read.".to_owned()
             }
             Self::BadTarget(_) => "The request target cannot be forwarded.".to_owned(),
+            Self::BadHost(why) => format!("Invalid request: {why}."),
             Self::Method(m) => format!("The method {m} is not supported by this proxy."),
             Self::UpstreamConnect(_) | Self::Upstream(_) => {
                 "The block storage service could not be reached.".to_owned()

@@ -120,6 +120,35 @@ impl Peer {
 /// `Forwarded` (RFC 7239).
 pub const FORWARDED: HeaderName = header::FORWARDED;
 
+/// What is wrong with a request's Host, if anything (RFC 9112 section 3.2): an HTTP/1.1 request
+/// must carry exactly one, and it must be a plain `host[:port]`, unless its target is in
+/// absolute form, whose authority then stands for it. Anything else would reach the upstream as
+/// the upstream's own Host, and its links would name the upstream's internal address.
+pub fn host_problem(
+    version: http::Version,
+    uri: &http::Uri,
+    headers: &HeaderMap,
+) -> Option<&'static str> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => Some("more than one Host header"),
+        (Some(host), None) if !is_host(host.as_bytes()) => Some("a Host that is not host[:port]"),
+        (None, _) if version == http::Version::HTTP_11 && uri.authority().is_none() => {
+            Some("no Host header")
+        }
+        _ => None,
+    }
+}
+
+/// Forwarding headers some frameworks read that snapguard does not set: from anyone but a
+/// trusted proxy they are removed (oslo.middleware puts `X-Forwarded-Prefix` in front of every
+/// link Cinder writes).
+const OTHER_FORWARDING: [HeaderName; 3] = [
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-real-ip"),
+];
+
 /// Whether `value` is a plain `host[:port]`: a name, an IPv4 address or a bracketed IPv6 one,
 /// and digits after a colon.
 fn is_host(value: &[u8]) -> bool {
@@ -157,6 +186,13 @@ pub fn add_forwarded(
             Some(value) => headers.insert(X_FORWARDED_FOR, value),
             None => headers.insert(X_FORWARDED_FOR, peer.forwarded_for.clone()),
         };
+    }
+    if !peer.trusted {
+        for name in &OTHER_FORWARDING {
+            if !untouchable(name) {
+                headers.remove(name);
+            }
+        }
     }
     // Only a well-formed host[:port] is passed on: the Host header is the client's to write,
     // and `Host: x";for=6.6.6.6` must not become a parameter or element of anyone's header.
@@ -362,6 +398,40 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "1.1.1.1");
         assert_eq!(h["x-forwarded-host"], "signed");
         assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn an_http11_request_needs_one_plain_host() {
+        let uri = http::Uri::from_static("/v3/p1/volumes");
+        let v11 = http::Version::HTTP_11;
+        assert_eq!(host_problem(v11, &uri, &map(&[("host", "api:8080")])), None);
+        assert_eq!(
+            host_problem(v11, &uri, &HeaderMap::new()),
+            Some("no Host header")
+        );
+        assert!(host_problem(v11, &uri, &map(&[("host", "a b")])).is_some());
+        assert!(host_problem(v11, &uri, &map(&[("host", "a"), ("host", "b")])).is_some());
+        assert_eq!(
+            host_problem(http::Version::HTTP_10, &uri, &HeaderMap::new()),
+            None
+        );
+        let absolute = http::Uri::from_static("http://api:8080/v3/p1/volumes");
+        assert_eq!(host_problem(v11, &absolute, &HeaderMap::new()), None);
+        // HTTP/2 carries :authority in the URI.
+        assert_eq!(
+            host_problem(http::Version::HTTP_2, &uri, &HeaderMap::new()),
+            None
+        );
+    }
+
+    #[test]
+    fn other_forwarding_headers_are_removed_from_untrusted_peers() {
+        let mut h = map(&[("x-forwarded-prefix", "/evil"), ("x-real-ip", "6.6.6.6")]);
+        add_forwarded(&mut h, &peer("127.0.0.1", false, false), None, |_| false);
+        assert!(h.get("x-forwarded-prefix").is_none() && h.get("x-real-ip").is_none());
+        let mut h = map(&[("x-forwarded-prefix", "/api")]);
+        add_forwarded(&mut h, &peer("10.0.0.7", false, true), None, |_| false);
+        assert_eq!(h["x-forwarded-prefix"], "/api");
     }
 
     #[test]

@@ -193,7 +193,11 @@ impl Proxy {
             Head::Passthrough | Head::Connect => None,
         };
         let pace = Pace::of(&rt.config);
+        let bad_host = crate::headers::host_problem(version, req.uri(), req.headers());
         let outcome = match head {
+            _ if bad_host.is_some() => {
+                Outcome::refused(Error::BadHost(bad_host.unwrap_or_default()))
+            }
             Head::Connect => Outcome::refused(Error::Method(Method::CONNECT)),
             Head::Passthrough => {
                 let (parts, body) = req.into_parts();
