@@ -149,9 +149,22 @@ const OTHER_FORWARDING: [HeaderName; 3] = [
     HeaderName::from_static("x-real-ip"),
 ];
 
+/// Whether `name` is a header that tells the upstream where a request came from: only a
+/// trusted proxy's are kept, whatever else covers them.
+pub fn is_forwarding(name: &HeaderName) -> bool {
+    [
+        X_FORWARDED_FOR,
+        X_FORWARDED_PROTO,
+        X_FORWARDED_HOST,
+        FORWARDED,
+    ]
+    .contains(name)
+        || OTHER_FORWARDING.contains(name)
+}
+
 /// Whether `value` is a plain `host[:port]`: a name, an IPv4 address or a bracketed IPv6 one,
 /// and digits after a colon.
-fn is_host(value: &[u8]) -> bool {
+pub fn is_host(value: &[u8]) -> bool {
     !value.is_empty()
         && value.len() <= 255
         && value

@@ -121,6 +121,9 @@ impl Stall {
 pub struct Watched<B> {
     inner: B,
     pace: Pace,
+    /// Whether the body was polled yet: its clock starts then, not when it was wrapped (a
+    /// request body may wait for an upstream slot and a connection first).
+    polled: bool,
     started: Instant,
     last: Instant,
     moved: u64,
@@ -133,6 +136,7 @@ impl<B> Watched<B> {
         Self {
             inner,
             pace,
+            polled: false,
             started: now,
             last: now,
             moved: 0,
@@ -154,6 +158,10 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
+        if !std::mem::replace(&mut this.polled, true) {
+            let now = Instant::now();
+            (this.started, this.last) = (now, now);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.last = Instant::now();

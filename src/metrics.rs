@@ -93,12 +93,13 @@ pub const TLS_HANDSHAKE_FAILURES: [&str; 9] = [
 ];
 
 /// Every upstream error kind, exported at 0 from start-up so that `increase()` sees the first.
-pub const UPSTREAM_ERROR_KINDS: [&str; 7] = [
+pub const UPSTREAM_ERROR_KINDS: [&str; 8] = [
     "connect",
     "reset",
     "timeout",
     "queue_full",
     "queue_timeout",
+    "connect_pace",
     "body_idle",
     "body_too_slow",
 ];

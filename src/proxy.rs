@@ -443,6 +443,10 @@ impl Proxy {
             }
             Ok(Err(e)) => return Outcome::refused(Error::BodyRead(e.into())),
             Ok(Ok(Read::TooLarge(prefix, rest))) => {
+                // Nothing of the policy is told to a caller whose signature fails.
+                if let Err(e) = self.authenticate(cx, &parts, None) {
+                    return Outcome::refused(e);
+                }
                 let v = Violation::BodyTooLarge {
                     limit: policy.max_body_bytes,
                 };
@@ -549,11 +553,18 @@ impl Proxy {
         parts.uri = uri;
         // Headers a caller's signature covers reach the upstream as they came, unless snapguard
         // signs the request itself.
+        // A list that cannot be read protects nothing (the gateway refuses such a signature
+        // anyway), and no signature lets an untrusted peer choose its forwarding headers.
         let signed = match rt.signer() {
             Some(_) => None,
-            None => policy::signed_headers(&parts.headers),
+            None => policy::signed_headers(&parts.headers)
+                .filter(|s| matches!(s, policy::SignedHeaders::Listed(_))),
         };
-        let untouchable = |name: &HeaderName| signed.as_ref().is_some_and(|s| s.covers(name));
+        let trusted = cx.peer.trusted;
+        let untouchable = |name: &HeaderName| {
+            signed.as_ref().is_some_and(|s| s.covers(name))
+                && (trusted || !crate::headers::is_forwarding(name))
+        };
         strip_hop_by_hop(&mut parts.headers);
         if !untouchable(&header::EXPECT) {
             // hyper already answered any `Expect: 100-continue` downstream when the body was
@@ -570,7 +581,12 @@ impl Proxy {
             );
         }
         let host = match &downstream_host {
-            Some(host) if upstream.preserve_host || untouchable(&header::HOST) => host.clone(),
+            Some(host)
+                if (upstream.preserve_host || untouchable(&header::HOST))
+                    && crate::headers::is_host(host.as_bytes()) =>
+            {
+                host.clone()
+            }
             _ => rt.upstream_host.clone(),
         };
         parts.headers.insert(header::HOST, host);

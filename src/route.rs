@@ -260,8 +260,6 @@ pub fn classify<'a>(
         policed = find(&read(path, Reading::ONCE_RAW_PARAMS))
             .or_else(|| find(&read(path, Reading::ONCE_KEEP_PARAMS)));
     }
-    // Readings that a server decoding before splitting, or decoding twice, would make: if any
-    // of them is a policed route, the request cannot be classified with certainty.
     // Readings that other servers and routers would make of a suspicious path: if any of them
     // is a policed route, the request cannot be classified with certainty.
     let by = |how: Reading| find(&read(path, how)).map(|(route, _)| route);

@@ -53,6 +53,9 @@ pub enum ReloadError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Runtime(#[from] BuildError),
+    /// The reloaded config would be unsafe with what only a restart changes.
+    #[error("{0}")]
+    Unsafe(&'static str),
     /// The blocking thread that loads the file did not finish (it panicked).
     #[error("the reload did not finish: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -457,6 +460,21 @@ impl Handle {
         };
         let config = &runtime.config;
         let (listen, admin) = self.addresses;
+        // Checked against the listener in force: the reloaded `listen` applies only on restart.
+        let lends_key = config
+            .upstream
+            .signing
+            .as_ref()
+            .is_some_and(|s| s.downstream == crate::signing::Downstream::None);
+        if lends_key && !listen.ip().is_loopback() {
+            let e = ReloadError::Unsafe(
+                "upstream.signing.downstream = \"none\" while listening on a non-loopback \
+                 address (listen changes only on restart)",
+            );
+            self.proxy.metrics().reload(false);
+            tracing::error!(error = %e, "config reload failed, keeping the configuration in force");
+            return Err(e);
+        }
         for (key, in_force, reloaded) in [
             ("listen", listen, config.listen),
             ("admin", admin, config.admin),

@@ -245,14 +245,19 @@ impl Signer {
             sign::MAX_SKEW,
         )?;
         if let Some((_, projects)) = keys.clients.get(&verified.access_key) {
-            for project in requested_projects(parts) {
-                if !projects.is_empty()
-                    && !projects.iter().any(|p| p.eq_ignore_ascii_case(&project))
-                {
-                    return Err(AuthError::Project {
-                        key: verified.access_key,
-                        project,
-                    });
+            if !projects.is_empty() {
+                let cloud = keys.project_id.as_ref().and_then(|p| p.to_str().ok());
+                let scope = requested_projects(parts, cloud).ok_or_else(|| AuthError::Project {
+                    key: verified.access_key.clone(),
+                    project: "(none that can be read with certainty)".to_owned(),
+                })?;
+                for project in scope {
+                    if !projects.iter().any(|p| p.eq_ignore_ascii_case(&project)) {
+                        return Err(AuthError::Project {
+                            key: verified.access_key,
+                            project,
+                        });
+                    }
                 }
             }
         }
@@ -316,24 +321,50 @@ impl Signer {
     }
 }
 
-/// The project ids a request names: `X-Project-Id`, and the segment after `/v2`, `/v3` or `/v5`.
-fn requested_projects(parts: &Parts) -> Vec<String> {
-    let mut projects: Vec<String> = parts
-        .headers
-        .get_all(X_PROJECT_ID)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .collect();
-    let mut segments = parts.uri.path().split('/').filter(|s| !s.is_empty());
-    if let (Some(version), Some(project)) = (segments.next(), segments.next()) {
-        let versioned = matches!(version.to_ascii_lowercase().as_str(), "v2" | "v3" | "v5");
-        // A project id is hex (Keystone's); a collection name is not.
-        if versioned && project.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
-            projects.push(project.to_owned());
-        }
+/// The projects a request of a project-limited caller acts in, read strictly: every
+/// `X-Project-Id`, and the segment after a version segment (`v3`, `v2.1`: the `/{version}/
+/// {project_id}/...` of Cinder and EVS) when it is a project id; a request that names none acts
+/// in the cloud key's own project (`project`). `None` when the path cannot be read with
+/// certainty (escapes, `;`, dot segments: the route table's generous readings are for catching
+/// snapshot names, not for granting access) or no project can be told at all: refused.
+fn requested_projects(parts: &Parts, cloud: Option<&str>) -> Option<Vec<String>> {
+    let path = parts.uri.path();
+    // No reading may climb out of the project: no dot segment, raw or escaped, wherever an
+    // escaped separator would put it.
+    let decoded = percent_encoding::percent_decode_str(path).collect::<Vec<u8>>();
+    if decoded
+        .split(|b| matches!(b, b'/' | b'\\'))
+        .any(|s| matches!(s, b"." | b".."))
+    {
+        return None;
     }
-    projects
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    // The version and the project are read as written: nothing escaped or parameterized.
+    if segments
+        .iter()
+        .take(2)
+        .any(|s| s.contains(['%', ';', '\\']))
+    {
+        return None;
+    }
+    let mut projects = Vec::new();
+    for value in parts.headers.get_all(X_PROJECT_ID) {
+        projects.push(value.to_str().ok()?.trim().to_owned());
+    }
+    let is_version = |s: &str| {
+        let rest = s.strip_prefix(['v', 'V']).unwrap_or("");
+        !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+    };
+    // A project id is hex (Keystone's), with dashes in some deployments; a collection is not.
+    let is_project = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    match segments.as_slice() {
+        [version, project, ..] if is_version(version) && is_project(project) => {
+            projects.push((*project).to_owned());
+        }
+        _ if projects.is_empty() => projects.push(cloud?.to_owned()),
+        _ => {}
+    }
+    Some(projects)
 }
 
 /// One value, from its file if configured, else from its environment variable.
@@ -547,6 +578,26 @@ mod tests {
                 .verify(&forged, Some(b"{}"), now)
                 .map_err(|e| e.reason()),
             Err("bad_signature")
+        );
+        // Spellings that a loose reader would take for another project, or none: refused.
+        for path in [
+            "/v2.1/def456/cloudvolumes",
+            "/%76%33/def456/snapshots/s1",
+            "/v3/%64ef456/snapshots/s1",
+            "/v3/./def456/snapshots/s1",
+            "/v3/abc123/x%2F..%2F..%2Fdef456/snapshots",
+            "/v3/abc123/%2e%2e/%2e%2e/v3/def456/snapshots",
+            "/v3/snapshots/s1",
+            "/",
+        ] {
+            let other = signed(path, &team, now);
+            let verdict = signer.verify(&other, Some(b"{}"), now);
+            assert!(matches!(verdict, Err(AuthError::Project { .. })), "{path}");
+        }
+        let v21 = signed("/v2.1/abc123/cloudvolumes", &team, now);
+        assert_eq!(
+            signer.verify(&v21, Some(b"{}"), now),
+            Ok(Some("TEAMA".to_owned()))
         );
         let old = signed(
             "/v3/abc123/snapshots/s1",

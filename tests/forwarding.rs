@@ -619,11 +619,24 @@ async fn signed_headers_are_never_rewritten() {
     let seen = upstream.only();
     assert_eq!(seen.headers["host"], proxy.addr.to_string().as_str());
     assert_eq!(seen.headers["x-request-id"], "not a sane id");
-    assert_eq!(seen.headers["x-forwarded-for"], "10.1.1.1");
+    // A signature does not let an untrusted peer choose where the request came from: the
+    // header is overwritten (and the upstream refuses the signature, as it should).
+    assert_eq!(seen.headers["x-forwarded-for"], "127.0.0.1");
     assert_eq!(
         seen.headers["x-forwarded-proto"], "http",
         "unsigned headers are still set"
     );
+
+    // From a trusted proxy, a signed forwarding header reaches the upstream as it came.
+    let (upstream, proxy) = support::pair(
+        Reply::Ok,
+        "[forwarding]\ntrusted_proxies = [\"127.0.0.1\"]\n",
+    )
+    .await;
+    let url = proxy.url("/v3/p1/volumes");
+    let got = send(Version::HTTP_11, "GET", &url, &headers, "").await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(upstream.only().headers["x-forwarded-for"], "10.1.1.1");
 }
 
 #[tokio::test]
@@ -1224,4 +1237,38 @@ async fn an_exchange_the_downstream_abandons_is_finished_and_its_connection_kept
         1,
         "abandoned exchanges threw their connections away"
     );
+}
+
+#[tokio::test]
+async fn a_request_abandoned_while_it_waits_for_a_slot_leaves_the_queue() {
+    let toml = format!(
+        "{QUEUE_TIMEOUTS}\n[limits]\nmax_upstream_connections = 1\nmax_upstream_waiting = 1\n"
+    );
+    let (upstream, proxy) = support::pair(Reply::Silent, &toml).await;
+    let url = proxy.url("/v3/p1/volumes");
+    let holder = {
+        let url = url.clone();
+        tokio::spawn(async move { send(Version::HTTP_11, "GET", &url, &[], "").await })
+    };
+    while upstream.seen().is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Waits, then its client gives up.
+    let gone = tokio::time::timeout(
+        Duration::from_millis(100),
+        send(Version::HTTP_11, "GET", &url, &[], ""),
+    );
+    assert!(gone.await.is_err());
+    support::await_sample(proxy.admin, "snapguard_upstream_waiting", 0.0).await;
+    // The queue has its one place again: the next request waits (503 after the queue timeout,
+    // not queue_full at once).
+    let next = send(Version::HTTP_11, "GET", &url, &[], "").await;
+    assert_eq!(next.status, StatusCode::SERVICE_UNAVAILABLE);
+    support::await_sample(
+        proxy.admin,
+        r#"snapguard_upstream_errors_total{kind="queue_full"}"#,
+        0.0,
+    )
+    .await;
+    holder.abort();
 }

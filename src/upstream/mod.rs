@@ -37,7 +37,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use prometheus_client::metrics::gauge::Gauge;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
 pub use self::pool::Lease;
@@ -179,7 +179,7 @@ pub struct Upstream {
     pool: Arc<Pool>,
     /// One permit per request in the upstream's hands: `max_upstream_connections`. tokio's
     /// semaphore is fair, so waiters are served in order.
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     /// Requests waiting for a slot, bounded by `max_waiting`.
     waiting: AtomicUsize,
     max_waiting: usize,
@@ -188,8 +188,9 @@ pub struct Upstream {
     idle_timeout: Duration,
     /// Background drains of exchanges whose downstream went away, at most one per slot.
     drains: Arc<Semaphore>,
-    /// The pace new connections are opened at.
+    /// The pace new connections are opened at, and the longest a request waits for its turn.
     connects: ConnectPace,
+    connect_wait: Duration,
     /// Starts the pool's reaper with the first connection (a runtime is needed to spawn it,
     /// and a pool with no connection has nothing to reap).
     reaper: Once,
@@ -239,7 +240,7 @@ impl Upstream {
             },
             // Idle connections for as many requests as may be in the upstream's hands at once.
             pool: Pool::new(config.limits.max_upstream_connections),
-            slots: Semaphore::new(config.limits.max_upstream_connections),
+            slots: Arc::new(Semaphore::new(config.limits.max_upstream_connections)),
             waiting: AtomicUsize::new(0),
             max_waiting: config.limits.max_upstream_waiting,
             queue_timeout: config.timeouts.upstream_queue,
@@ -253,6 +254,10 @@ impl Upstream {
                 let n = config.limits.max_upstream_connections;
                 ConnectPace::new(n.max(64), n.max(16))
             },
+            connect_wait: config
+                .timeouts
+                .upstream_connect
+                .min(config.timeouts.upstream_queue),
             reaper: Once::new(),
             inputs,
         })
@@ -279,8 +284,9 @@ impl Upstream {
         mut req: Request<ProxyBody>,
         request: &Arc<Progress>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
-        // Held until the response head has arrived.
-        let _slot = self.slot().await?;
+        // Held until the response head has arrived, or, for an exchange the downstream
+        // abandoned, until its background drain ends.
+        let mut slot = Some(self.slot().await?);
         // Pooled connections that turn out closed are skipped; a request that never left
         // one is tried again, a bounded number of times.
         let mut retries = 3;
@@ -301,35 +307,29 @@ impl Upstream {
             let mut exchange = Exchange {
                 response: Some(Box::pin(conn.try_send_request(req))),
                 lease: Some(self.pool.lease(conn)),
+                slot: slot.take(),
                 request: request.clone(),
                 drains: self.drains.clone(),
             };
-            let Some(response) = exchange.response.as_mut() else {
-                return Err(SendError::Busy("internal"));
-            };
-            let result = response.await;
-            exchange.response = None;
-            let lease = exchange.lease.take();
-            match (result, lease) {
-                (Ok(response), Some(lease)) => return Ok((response, lease)),
-                (Ok(_), None) => return Err(SendError::Busy("internal")),
-                (Err(mut e), _) => match e.take_message() {
-                    // The upstream closed a pooled connection as the request went out, before
-                    // any of it was written: try again.
-                    Some(unsent) if reused && retries > 0 => {
-                        retries -= 1;
-                        req = unsent;
-                    }
-                    _ => return Err(SendError::Exchange(e.into_error())),
-                },
+            match exchange.finish().await {
+                Ok(done) => return Ok(done),
+                // The upstream closed a pooled connection as the request went out, before any
+                // of it was written: try again.
+                Err(Failed::Unsent(unsent, _, held)) if reused && retries > 0 => {
+                    retries -= 1;
+                    req = *unsent;
+                    slot = held;
+                }
+                Err(Failed::Unsent(_, error, _)) => return Err(SendError::Exchange(error)),
+                Err(Failed::Failed(e)) => return Err(e),
             }
         }
     }
 
     /// A slot for one request: at once when one is free and nobody waits, else in turn
     /// behind the requests already waiting, within the queue's bounds.
-    async fn slot(&self) -> Result<SemaphorePermit<'_>, SendError> {
-        if let Ok(permit) = self.slots.try_acquire() {
+    async fn slot(&self) -> Result<OwnedSemaphorePermit, SendError> {
+        if let Ok(permit) = self.slots.clone().try_acquire_owned() {
             // Never ahead of a waiter: tokio hands a freed permit to the first waiter, so a
             // free one means the queue is empty.
             return Ok(permit);
@@ -338,10 +338,11 @@ impl Upstream {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(SendError::Busy("queue_full"));
         }
-        self.waiting_gauge.inc();
-        let acquired = tokio::time::timeout(self.queue_timeout, self.slots.acquire()).await;
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
-        self.waiting_gauge.dec();
+        // Counted out by a guard: a request whose downstream goes away while it waits is
+        // dropped here, and must not stay counted.
+        let _waiting = Waiting::new(&self.waiting, &self.waiting_gauge);
+        let acquired =
+            tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await;
         match acquired {
             Ok(Ok(permit)) => Ok(permit),
             // Only a closed semaphore fails, and this one is never closed.
@@ -351,7 +352,10 @@ impl Upstream {
 
     /// Opens a connection, at the pace `connects` allows.
     async fn connect(&self) -> Result<Sender, SendError> {
-        let wait = self.connects.reserve(std::time::Instant::now());
+        let wait = self
+            .connects
+            .reserve(std::time::Instant::now(), self.connect_wait)
+            .ok_or(SendError::Busy("connect_pace"))?;
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
@@ -401,8 +405,66 @@ type ResponseFuture = std::pin::Pin<
 struct Exchange {
     response: Option<ResponseFuture>,
     lease: Option<Lease>,
+    slot: Option<OwnedSemaphorePermit>,
     request: Arc<Progress>,
     drains: Arc<Semaphore>,
+}
+
+type Finished = (Response<Incoming>, Lease);
+
+/// Why an exchange did not get its response head.
+enum Failed {
+    /// The request never left: it may be sent again, with the slot it held.
+    Unsent(
+        Box<Request<ProxyBody>>,
+        hyper::Error,
+        Option<OwnedSemaphorePermit>,
+    ),
+    Failed(SendError),
+}
+
+impl Exchange {
+    /// Waits for the response head; the slot is given back with it (or handed back with an
+    /// unsent request, for a retry).
+    async fn finish(&mut self) -> Result<Finished, Failed> {
+        // An exchange is built with both and finished once; were it not, this is an error,
+        // not a panic.
+        let (Some(response), Some(_)) = (self.response.as_mut(), self.lease.as_ref()) else {
+            return Err(Failed::Failed(SendError::Busy("internal")));
+        };
+        let result = response.await;
+        self.response = None;
+        let slot = self.slot.take();
+        match (result, self.lease.take()) {
+            (Ok(response), Some(lease)) => Ok((response, lease)),
+            (Ok(_), None) => Err(Failed::Failed(SendError::Busy("internal"))),
+            (Err(mut e), _) => {
+                let unsent = e.take_message();
+                let error = e.into_error();
+                match unsent {
+                    Some(unsent) => Err(Failed::Unsent(Box::new(unsent), error, slot)),
+                    None => Err(Failed::Failed(SendError::Exchange(error))),
+                }
+            }
+        }
+    }
+}
+
+/// Counts a request waiting for a slot, for as long as it waits (also when it is dropped).
+struct Waiting<'a>(&'a AtomicUsize, &'a Gauge);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicUsize, gauge: &'a Gauge) -> Self {
+        gauge.inc();
+        Self(count, gauge)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.1.dec();
+    }
 }
 
 /// How long, and how much of a response, a background drain may take.
@@ -422,8 +484,11 @@ impl Drop for Exchange {
             return;
         };
         let request = self.request.clone();
+        // The request is still in the upstream's hands: it keeps its slot until drained.
+        let slot = self.slot.take();
         runtime.spawn(async move {
             let _permit = permit;
+            let _slot = slot;
             let drained = tokio::time::timeout(DRAIN_TIME, async {
                 let mut body = response.await.ok()?.into_body();
                 let mut read = 0;
@@ -464,16 +529,22 @@ impl ConnectPace {
         }
     }
 
-    /// Reserves a connection; returns how long to wait before opening it.
-    fn reserve(&self, now: std::time::Instant) -> Duration {
+    /// Reserves a connection and returns how long to wait before opening it; `None`, reserving
+    /// nothing, when that would be longer than `max_wait` (the backlog stays bounded, and a
+    /// request that would time out anyway takes no turn from the ones after it).
+    fn reserve(&self, now: std::time::Instant, max_wait: Duration) -> Option<Duration> {
         let mut next = self
             .next
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         // The earliest the reservation can be, with up to `burst` of credit banked.
         let at = (*next).max(now.checked_sub(self.burst).unwrap_or(now));
+        let wait = at.saturating_duration_since(now);
+        if wait > max_wait {
+            return None;
+        }
         *next = at + self.interval;
-        at.saturating_duration_since(now)
+        Some(wait)
     }
 }
 
@@ -519,11 +590,19 @@ mod pace_tests {
     fn connections_open_in_a_burst_then_at_the_pace() {
         let pace = ConnectPace::new(4, 4);
         let later = std::time::Instant::now() + Duration::from_secs(5);
-        let waits: Vec<Duration> = (0..6).map(|_| pace.reserve(later)).collect();
-        assert!(waits[..4].iter().all(Duration::is_zero), "{waits:?}");
-        assert_eq!(waits[4], Duration::from_millis(250));
-        assert_eq!(waits[5], Duration::from_millis(500));
+        let max = Duration::from_millis(600);
+        let waits: Vec<Option<Duration>> = (0..8).map(|_| pace.reserve(later, max)).collect();
+        assert!(
+            waits[..4].iter().all(|w| *w == Some(Duration::ZERO)),
+            "{waits:?}"
+        );
+        assert_eq!(waits[4], Some(Duration::from_millis(250)));
+        assert_eq!(waits[5], Some(Duration::from_millis(500)));
+        // Past the longest wait nothing is reserved: the backlog does not grow.
+        assert_eq!(waits[6], None);
+        assert_eq!(waits[7], None);
         // A second later, one more is free again.
-        assert!(pace.reserve(later + Duration::from_millis(1500)).is_zero());
+        let later = later + Duration::from_millis(1500);
+        assert_eq!(pace.reserve(later, max), Some(Duration::ZERO));
     }
 }

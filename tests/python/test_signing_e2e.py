@@ -885,6 +885,9 @@ def test_check_config_refuses_none_on_a_non_loopback_listen(tmp):
         return subprocess.run([snapguard_bin(), "check-config", str(path)],
                               capture_output=True, text=True, timeout=30)
 
+    # check-config loads the key files too: they must exist for a config to pass.
+    (tmp / "ak").write_text("CHECKAK")
+    (tmp / "sk").write_text("check-secret")
     port = free_port()
     refused = check(f"0.0.0.0:{port}")
     assert refused.returncode == 64, refused
@@ -892,6 +895,11 @@ def test_check_config_refuses_none_on_a_non_loopback_listen(tmp):
     ok = check(f"127.0.0.1:{port}")
     assert ok.returncode == 0, ok
     assert ok.stdout.strip().endswith(": ok"), ok.stdout
+    # A key file that does not exist is refused, naming it.
+    (tmp / "sk").unlink()
+    missing = check(f"127.0.0.1:{port}")
+    assert missing.returncode == 64 and "sk" in missing.stderr, missing
+    (tmp / "sk").write_text("check-secret")
     # verify mode may listen anywhere, with callers' keys.
     team = tmp / "check-team"
     team.write_text("s")
