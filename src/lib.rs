@@ -25,6 +25,7 @@ pub mod sign;
 pub mod signing;
 pub mod tls;
 pub mod upstream;
+pub mod watch;
 
 pub use config::Config;
 pub use server::Server;

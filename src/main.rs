@@ -195,12 +195,14 @@ async fn reload_on_sighup(cli: Cli, handle: Handle, filter: FilterHandle) {
     }
 }
 
-/// Reloads the config file whenever its contents change, checked every `reload_interval`:
-/// Kubernetes updates a mounted ConfigMap by swapping a `..data` symlink, and sends no signal.
+/// Reloads the config file whenever its contents change, seen by a watch on its directory and
+/// checked every `reload_interval` as well: Kubernetes updates a mounted ConfigMap by swapping a
+/// `..data` symlink, and sends no signal.
 async fn reload_on_change(cli: Cli, handle: Handle, filter: FilterHandle) {
     let Some(path) = cli.config.clone() else {
         return;
     };
+    let changes = snapguard::watch::Changes::watch("config", [path.as_path()]);
     let read = |path: PathBuf| async move {
         tokio::task::spawn_blocking(move || std::fs::read(path).ok())
             .await
@@ -213,7 +215,7 @@ async fn reload_on_change(cli: Cli, handle: Handle, filter: FilterHandle) {
         if every.is_zero() {
             return;
         }
-        tokio::time::sleep(every).await;
+        changes.next(every).await;
         let now = read(path.clone()).await;
         // A file that vanished for a moment (mid-swap) is not a change to act on.
         if now.is_some() && now != last {

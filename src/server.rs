@@ -279,13 +279,21 @@ impl Server {
     }
 }
 
-/// Re-reads the TLS files every `reload_interval` (Kubernetes swaps a mounted Secret's files
-/// without a signal) and swaps them in when they changed; a file that fails keeps what is in
-/// force.
+/// Re-reads the TLS files when their directories change and every `reload_interval` (Kubernetes
+/// swaps a mounted Secret's files without a signal) and swaps them in when they changed; a file
+/// that fails keeps what is in force.
 async fn reload_tls_every(terminator: Arc<Terminator>, metrics: Arc<Metrics>) {
-    let every = terminator.config().reload_interval;
+    let config = terminator.config();
+    let every = config.reload_interval;
+    let files = [
+        Some(&config.cert_file),
+        Some(&config.key_file),
+        config.client_ca_file.as_ref(),
+    ];
+    let changes =
+        crate::watch::Changes::watch("TLS", files.into_iter().flatten().map(|p| p.as_path()));
     loop {
-        tokio::time::sleep(every).await;
+        changes.next(every).await;
         reload_tls(&terminator, &metrics).await;
     }
 }

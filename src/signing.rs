@@ -5,7 +5,8 @@
 //! would (`downstream = "verify"`), or not at all (`downstream = "none"`, loopback only).
 //!
 //! Keys come from files (a mounted Kubernetes Secret) or from the environment variables the
-//! Huawei SDKs read; files are re-read every `reload_interval`, so keys rotate without a restart.
+//! Huawei SDKs read; files are re-read when their directory changes and every `reload_interval`,
+//! so keys rotate without a restart.
 //! Secrets never reach a log line, a metric or an error. The signing itself is [`crate::sign`].
 
 use std::collections::HashMap;
@@ -290,16 +291,35 @@ impl Signer {
         )
     }
 
-    /// Re-reads the keys every `reload_interval` for as long as `signer` is in use.
+    /// Re-reads the keys when their directories change and every `reload_interval`, for as
+    /// long as `signer` is in use.
     pub async fn reload_every(
         signer: std::sync::Weak<Signer>,
         metrics: Arc<crate::metrics::Metrics>,
     ) {
-        let Some(interval) = signer.upgrade().map(|s| s.config.reload_interval) else {
+        let Some((interval, changes)) = signer.upgrade().map(|s| {
+            let c = &s.config;
+            let files = [
+                &c.access_key_file,
+                &c.secret_key_file,
+                &c.security_token_file,
+                &c.project_id_file,
+            ];
+            let clients = c.clients.iter().map(|k| k.secret_key_file.as_path());
+            let files = files
+                .into_iter()
+                .flatten()
+                .map(|p| p.as_path())
+                .chain(clients);
+            (
+                c.reload_interval,
+                crate::watch::Changes::watch("signing keys", files),
+            )
+        }) else {
             return;
         };
         loop {
-            tokio::time::sleep(interval).await;
+            changes.next(interval).await;
             let Some(signer) = signer.upgrade() else {
                 return;
             };

@@ -3,7 +3,8 @@
 //!
 //! Certificates are reloaded when their files change, as well as on SIGHUP: Kubernetes updates
 //! a mounted Secret by swapping a `..data` symlink, which no signal announces, so the files are
-//! re-read every `reload_interval` and swapped in when their contents differ. A file that fails
+//! re-read when their directory changes ([`crate::watch`]) and every `reload_interval`, and
+//! swapped in when their contents differ. A file that fails
 //! to load keeps what is in force and says why. Handshakes in progress keep the configuration
 //! they started with; only new ones get the new one.
 

@@ -937,6 +937,43 @@ async fn a_reload_that_moves_the_listeners_names_the_addresses_in_force_and_relo
 }
 
 #[tokio::test]
+async fn a_config_file_replaced_by_rename_is_seen_by_the_watch_before_the_timer() {
+    // An editor's or a ConfigMap's way: a new file renamed over the old one. The periodic
+    // re-read is an hour away, so only the watch on the directory can pick this up.
+    let upstream = Upstream::start(Reply::Ok).await;
+    let bin = Binary::start(
+        binary_path(),
+        &upstream.url(),
+        "reload_interval = \"1h\"\n",
+        &[],
+    )
+    .await;
+    let url = bin.url(UPDATE);
+    let team = r#"{"snapshot":{"name":"team_x"}}"#;
+    assert_eq!(
+        send(Version::HTTP_11, "PUT", &url, &[], team).await.status,
+        StatusCode::OK
+    );
+    let next = bin.config.with_extension("toml.new");
+    std::fs::write(
+        &next,
+        "reload_interval = \"1h\"\n[policy]\nreserved_prefixes = [\"team_\"]\n",
+    )
+    .unwrap();
+    std::fs::rename(&next, &bin.config).unwrap();
+    await_sample(
+        bin.admin,
+        r#"snapguard_config_reloads_total{result="success"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        send(Version::HTTP_11, "PUT", &url, &[], team).await.status,
+        StatusCode::BAD_REQUEST
+    );
+}
+
+#[tokio::test]
 async fn a_changed_config_file_is_reloaded_without_a_signal() {
     // As a Kubernetes ConfigMap update reaches a pod: the file changes, nobody sends SIGHUP.
     let upstream = Upstream::start(Reply::Ok).await;

@@ -1047,7 +1047,7 @@ async fn until_served(addr: SocketAddr, ca: &Path, cn: &str, within: Duration) -
 
 #[tokio::test]
 async fn a_secret_volume_swap_is_served_to_new_connections_without_failing_a_request() {
-    let reload = Duration::from_millis(300);
+    // The periodic re-read is an hour away: the watch on the volume's directory must see it.
     let dir = TempDir::new("rotation");
     let pki = Pki::new(&dir, "main");
     let first_expiry = unix_now() + 30 * 86400;
@@ -1056,14 +1056,14 @@ async fn a_secret_volume_swap_is_served_to_new_connections_without_failing_a_req
         &volume.cert(),
         &volume.key(),
         None,
-        "reload_interval = \"300ms\"\n",
+        "reload_interval = \"1h\"\n",
     );
     let upstream = Upstream::start(Reply::Ok).await;
     let proxy = Proxy::start(&upstream.url(), &toml).await;
     let (addr, admin, ca) = (proxy.addr, proxy.admin, pki.ca_file.clone());
 
     assert_eq!(
-        until_served(addr, &ca, "gateway-gen1", reload)
+        until_served(addr, &ca, "gateway-gen1", Duration::from_millis(300))
             .await
             .as_secs(),
         0
@@ -1080,10 +1080,10 @@ async fn a_secret_volume_swap_is_served_to_new_connections_without_failing_a_req
     let second = pki.server("gateway-gen2", 0x1002, second_expiry);
     volume.update(&second.cert, &second.key);
     let took = until_served(addr, &ca, "gateway-gen2", Duration::from_secs(5)).await;
-    eprintln!("new connections got the new certificate {took:?} after the swap (reload_interval {reload:?})");
+    eprintln!("new connections got the new certificate {took:?} after the swap");
     assert!(
-        took <= reload + Duration::from_millis(300),
-        "the new certificate took {took:?}, reload_interval is {reload:?}"
+        took <= Duration::from_secs(2),
+        "the new certificate took {took:?}: the directory watch did not see the swap"
     );
     tokio::time::sleep(Duration::from_millis(600)).await;
     let (kept, fresh, errors) = traffic.finish().await;
