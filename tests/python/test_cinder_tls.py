@@ -1,7 +1,7 @@
 """snapguard terminating TLS ([tls]) in front of the real cinder-api (Cinder 29, noauth, sqlite),
 with Cinder told to believe its proxy (`[oslo_middleware] enable_proxy_headers_parsing = True`).
 
-What this checks, with Python `requests` over HTTPS and a test CA made here with `cryptography`:
+What this checks, with Python `requests` and openstacksdk over HTTPS and a test CA made here with `cryptography`:
 - the links Cinder writes (version documents, a list's next link) name snapguard's own address
   with https, which takes X-Forwarded-Proto and X-Forwarded-Host from snapguard, and nothing a
   client forged (snapguard does not trust 127.0.0.1 here);
@@ -362,3 +362,67 @@ def test_next_link_over_http2(tls_stack):
     nxt = [link["href"] for link in json.loads(body)["snapshots_links"] if link["rel"] == "next"]
     assert len(nxt) == 1, body
     assert_points_at_snapguard(tls_stack, nxt[0])
+
+
+def _openstacksdk(st, ca=True):
+    """An openstacksdk Connection configured as docs/ tells users to: the block-storage endpoint
+    overridden to snapguard's https URL, the test CA as the session's `verify`. Cinder runs noauth
+    here, whose token is `user:project`; its middleware answers any request without a token (the
+    SDK's unauthenticated version discovery too) with an empty 204, so the session sends the token
+    on every request."""
+    import openstack.connection
+    from keystoneauth1 import session, token_endpoint
+
+    token = f"{st.user}:{st.project}"
+    sess = session.Session(auth=token_endpoint.Token(st.https, token),
+                           verify=str(st.ca) if ca else True,
+                           additional_headers={"X-Auth-Token": token})
+    return openstack.connection.Connection(
+        session=sess,
+        block_storage_endpoint_override=f"{st.https}/v3/{st.project}",
+        block_storage_api_version="3",
+    )
+
+
+def test_openstacksdk_over_tls_is_policed_and_stores_a_good_name(tls_stack):
+    """openstacksdk (keystoneauth, requests) through snapguard's TLS listener with the test CA:
+    version discovery follows Cinder's links (which must name snapguard over https), a reserved
+    name is refused with Cinder's Fault and nothing changes, a good one is stored."""
+    from openstack import exceptions
+
+    conn = _openstacksdk(tls_stack)
+    sid = tls_stack.take_snapshot()
+    before = tls_stack.snapshot(sid)
+    assert conn.block_storage.get_snapshot(sid).id == sid
+
+    with pytest.raises(exceptions.BadRequestException) as refused:
+        conn.block_storage.update_snapshot(sid, name=RESERVED + "sdk")
+    assert refused.value.status_code == 400
+    assert "field/attribute name" in str(refused.value), refused.value
+    assert tls_stack.snapshot(sid) == before, "Cinder's row changed after a refused update"
+
+    good = "sdk-tls-" + uuid.uuid4().hex[:8]
+    updated = conn.block_storage.update_snapshot(sid, name=good, description="openstacksdk")
+    assert updated.name == good
+    row = tls_stack.snapshot(sid)
+    assert (row["display_name"], row["display_description"]) == (good, "openstacksdk")
+    assert not tls_stack.reserved_rows()
+
+
+def _handshake_alerts(st) -> float:
+    """snapguard's count of handshakes the client ended with an alert (an unknown CA, say)."""
+    text = request(st.admin_port, "GET", "/metrics", timeout=10).body.decode()
+    series = 'snapguard_tls_handshake_failures_total{reason="alert_received"} '
+    return float(next(line for line in text.splitlines() if line.startswith(series)).split()[-1])
+
+
+def test_openstacksdk_without_the_ca_refuses_snapguards_certificate(tls_stack):
+    """The SDK really verifies the certificate: with system roots only it gives up in the
+    handshake (snapguard counts the client's alert) and no request reaches Cinder."""
+    conn = _openstacksdk(tls_stack, ca=False)
+    alerts = _handshake_alerts(tls_stack)
+    log = tls_stack.snapguard_log.read_text().count("snapguard::access")
+    with pytest.raises(Exception) as e:
+        conn.block_storage.get_snapshot(tls_stack.seed["snapshots"][0])
+    assert _handshake_alerts(tls_stack) > alerts, e.value
+    assert tls_stack.snapguard_log.read_text().count("snapguard::access") == log, e.value
