@@ -17,13 +17,17 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::access::Exchange;
 use crate::conn::InFlight;
+use crate::gather::Gather;
 use crate::lifetime::{Pace, Watched};
 use crate::upstream::{BoxError, Lease};
+
+/// A body's streamed part: its framing made sensible ([`Gather`]), held to its pace.
+pub type Stream = Watched<Gather<Incoming>>;
 
 #[derive(Debug, Default)]
 pub struct ProxyBody {
     prefix: Option<Bytes>,
-    rest: Option<Watched<Incoming>>,
+    rest: Option<Stream>,
     tally: Tally,
     /// Keeps the exchange counted as in flight on its connection until the body is done.
     in_flight: Option<InFlight>,
@@ -105,7 +109,7 @@ impl ProxyBody {
     }
 
     /// A body streamed as it comes, held to `pace`.
-    pub fn stream(body: Incoming, pace: Pace) -> Self {
+    pub fn stream(body: Gather<Incoming>, pace: Pace) -> Self {
         Self {
             rest: Some(Watched::new(body, pace)),
             ..Self::default()
@@ -113,7 +117,7 @@ impl ProxyBody {
     }
 
     /// What was read of a body, then the rest of it streamed, held to `pace`.
-    pub fn prefixed(prefix: Bytes, rest: Incoming, pace: Pace) -> Self {
+    pub fn prefixed(prefix: Bytes, rest: Gather<Incoming>, pace: Pace) -> Self {
         Self {
             prefix: Some(prefix),
             rest: Some(Watched::new(rest, pace)),
@@ -122,7 +126,7 @@ impl ProxyBody {
     }
 
     /// What was read of a watched body, then the rest of it.
-    pub fn prefixed_watched(prefix: Bytes, rest: Watched<Incoming>) -> Self {
+    pub fn prefixed_watched(prefix: Bytes, rest: Stream) -> Self {
         Self {
             prefix: Some(prefix),
             rest: Some(rest),

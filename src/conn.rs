@@ -322,7 +322,8 @@ impl Closed {
         match self {
             Self::Idle => "idle",
             Self::Sending(Stall::Idle(_)) => "send_idle",
-            Self::Sending(Stall::TooSlow(_)) => "send_too_slow",
+            // Responses are never judged on their framing; the pace is all there is to break.
+            Self::Sending(Stall::TooSlow(_) | Stall::Fragmented(_)) => "send_too_slow",
             Self::Abandoning => "reset_flood",
         }
     }

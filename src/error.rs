@@ -70,6 +70,8 @@ impl Error {
                 }
                 _ => StatusCode::BAD_REQUEST,
             },
+            // Not a timeout: the body came whole, in pieces no client sends.
+            Self::BodyStalled(Stall::Fragmented(_)) => StatusCode::BAD_REQUEST,
             Self::BodyTimeout(_) | Self::BodyStalled(_) => StatusCode::REQUEST_TIMEOUT,
             Self::BodyRead(_) | Self::DownstreamBody(_) | Self::BadTarget(_) | Self::BadHost(_) => {
                 StatusCode::BAD_REQUEST

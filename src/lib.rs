@@ -14,6 +14,7 @@ pub mod config;
 pub mod conn;
 pub mod decide;
 pub mod error;
+pub mod gather;
 pub mod headers;
 pub mod lifetime;
 pub mod metrics;

@@ -9,6 +9,7 @@
 //! | request sent to response head | `timeouts.upstream_response` ([`crate::proxy`]) | 504 |
 //! | a small response body (up to `limits.buffer_response_body`), read whole before it is relayed | the [`Watched`] deadlines below | 502 |
 //! | a streamed body, either way | [`Watched`]: `timeouts.body_idle` between frames, `limits.min_body_rate` on average after `timeouts.min_rate_grace` | the exchange is cut |
+//! | a request body's framing, buffered or streamed | [`crate::gather`]: past 1,024 frames, 32 bytes a frame on average | 400, connection closed |
 //! | a response the downstream does not take | the same, watched per connection ([`crate::conn`]) | connection closed |
 //! | a connection with no request in flight | `timeouts.idle` ([`crate::conn`]) | connection closed |
 //!
@@ -91,6 +92,9 @@ pub enum Stall {
     Idle(Duration),
     #[error("the body moved slower than {0} bytes/s on average")]
     TooSlow(u64),
+    /// A request body in more frames than [`crate::gather`] lets through for its bytes.
+    #[error("the body came in {0} frames averaging under {min} bytes", min = crate::gather::MIN_FRAME)]
+    Fragmented(u64),
 }
 
 impl Stall {
@@ -99,6 +103,7 @@ impl Stall {
         match self {
             Self::Idle(_) => "body_idle",
             Self::TooSlow(_) => "body_too_slow",
+            Self::Fragmented(_) => "body_fragmented",
         }
     }
 

@@ -105,10 +105,11 @@ pub const UPSTREAM_ERROR_KINDS: [&str; 8] = [
 ];
 
 /// Every reason a peer is cut for, exported at 0 from start-up.
-pub const CUT_REASONS: [&str; 6] = [
+pub const CUT_REASONS: [&str; 7] = [
     "request_body_timeout",
     "body_idle",
     "body_too_slow",
+    "body_fragmented",
     "send_idle",
     "send_too_slow",
     "reset_flood",

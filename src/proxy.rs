@@ -24,6 +24,7 @@ use crate::body::{Progress, ProxyBody};
 use crate::config::Config;
 use crate::decide::{self, Head};
 use crate::error::Error;
+use crate::gather::Gather;
 use crate::headers::{add_forwarded, strip_hop_by_hop, Peer, RequestIds, X_REQUEST_ID};
 use crate::lifetime::{Budget, Pace, Stall, Watched};
 use crate::metrics::Metrics;
@@ -194,6 +195,7 @@ impl Proxy {
         };
         let pace = Pace::of(&rt.config);
         let bad_host = crate::headers::host_problem(version, req.uri(), req.headers());
+        let req = req.map(Gather::request);
         let outcome = match head {
             _ if bad_host.is_some() => {
                 Outcome::refused(Error::BadHost(bad_host.unwrap_or_default()))
@@ -323,7 +325,7 @@ impl Proxy {
         &self,
         cx: &Context<'_>,
         parts: &Parts,
-        body: Incoming,
+        body: Gather<Incoming>,
         pace: Pace,
     ) -> Result<ProxyBody, Error> {
         let verifying = cx
@@ -340,7 +342,7 @@ impl Proxy {
         let read = tokio::time::timeout(timeout, read_bounded(body, limit, Some(cx.progress)));
         match read.await {
             Err(_) => Err(Error::BodyTimeout(timeout)),
-            Ok(Err(e)) => Err(Error::BodyRead(e.into())),
+            Ok(Err(e)) => Err(self.body_error(e)),
             Ok(Ok(Read::Whole(bytes))) => {
                 self.authenticate(cx, parts, Some(&bytes))?;
                 Ok(ProxyBody::full(bytes))
@@ -352,6 +354,17 @@ impl Proxy {
         }
     }
 
+    /// Why a request body could not be read: cut for its pace or framing (counted), or broken.
+    fn body_error(&self, e: crate::upstream::BoxError) -> Error {
+        match Stall::find(e.as_ref()) {
+            Some(stall) => {
+                self.metrics.cut(stall.reason());
+                Error::BodyStalled(stall)
+            }
+            None => Error::BodyRead(e),
+        }
+    }
+
     /// A passthrough request body up to `limits.buffer_request_body` is read whole (within
     /// `timeouts.request_body`) before an upstream slot is taken, so a slow sender holds only its
     /// own connection; it also reaches the upstream in one piece, whatever its framing was. A
@@ -359,7 +372,7 @@ impl Proxy {
     async fn buffer_request(
         &self,
         cx: &Context<'_>,
-        body: Incoming,
+        body: Gather<Incoming>,
         pace: Pace,
     ) -> Result<ProxyBody, Error> {
         let limit = cx.rt.config.limits.buffer_request_body;
@@ -374,7 +387,7 @@ impl Proxy {
                 self.metrics.cut("request_body_timeout");
                 Err(Error::BodyTimeout(timeout))
             }
-            Ok(Err(e)) => Err(Error::BodyRead(e.into())),
+            Ok(Err(e)) => Err(self.body_error(e)),
             Ok(Ok(Read::Whole(bytes))) => Ok(ProxyBody::full(bytes)),
             Ok(Ok(Read::TooLarge(prefix, rest))) => Ok(ProxyBody::prefixed(prefix, rest, pace)),
         }
@@ -401,9 +414,11 @@ impl Proxy {
         };
         let reservation = wanted.and_then(|n| self.budget.reserve(n, limits.buffer_memory));
         let Some(mut reservation) = reservation else {
+            let body = Gather::relay(body);
             return Ok(ProxyBody::stream(body, pace).leasing(lease, request.clone()));
         };
-        let read = read_bounded(Watched::new(body, pace), limits.buffer_response_body, None);
+        let body = Watched::new(Gather::relay(body), pace);
+        let read = read_bounded(body, limits.buffer_response_body, None);
         match read.await.map_err(Error::UpstreamBody)? {
             Read::Whole(bytes) => {
                 reservation.shrink_to(bytes.len());
@@ -423,7 +438,7 @@ impl Proxy {
     async fn police(
         &self,
         cx: &Context<'_>,
-        req: Request<Incoming>,
+        req: Request<Gather<Incoming>>,
         route: &Route,
         project: Option<&str>,
     ) -> Outcome {
@@ -441,7 +456,7 @@ impl Proxy {
                 self.metrics.cut("request_body_timeout");
                 return Outcome::refused(Error::BodyTimeout(limit));
             }
-            Ok(Err(e)) => return Outcome::refused(Error::BodyRead(e.into())),
+            Ok(Err(e)) => return Outcome::refused(self.body_error(e)),
             Ok(Ok(Read::TooLarge(prefix, rest))) => {
                 // Nothing of the policy is told to a caller whose signature fails.
                 if let Err(e) = self.authenticate(cx, &parts, None) {

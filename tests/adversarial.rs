@@ -996,3 +996,100 @@ async fn an_oversized_policed_body_is_refused_before_it_is_all_sent() {
     assert!(head.starts_with("HTTP/1.1 413"), "{head}");
     assert!(upstream.seen().is_empty());
 }
+
+/// A chunked POST of `chunks`, sent in one write; `Connection: close` when `close`.
+fn chunked_post(target: &str, chunks: impl Iterator<Item = Vec<u8>>, close: bool) -> Vec<u8> {
+    let close = if close { "Connection: close\r\n" } else { "" };
+    let mut out = format!(
+        "POST {target} HTTP/1.1\r\nHost: snapguard.test\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n{close}\r\n"
+    )
+    .into_bytes();
+    for chunk in chunks {
+        out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        out.extend_from_slice(&chunk);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    out
+}
+
+#[tokio::test]
+async fn framing_no_client_sends_is_refused_before_it_reaches_the_upstream() {
+    // 2,000 one-byte chunks: past the 1,024 free frames, averaging 1 byte. Refused, 400 in the
+    // route's style, the connection closed, counted; nothing reaches the upstream.
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
+    let policed = format!(
+        r#"{{"snapshot":{{"name":"ok","description":"{}"}}}}"#,
+        "d".repeat(1960)
+    );
+    for (target, body) in [
+        ("/v3/p1/volumes", vec![b'x'; 2000]),
+        ("/v3/p1/snapshots", policed.into_bytes()),
+        ("/v5/p1/snapshots", vec![b'y'; 2000]),
+    ] {
+        let request = chunked_post(target, body.iter().map(|b| vec![*b]), false);
+        let response = support::raw(proxy.addr, &request, Duration::from_secs(5)).await;
+        assert_eq!(status_of(&response), 400, "{target}: {response}");
+        let error = if target.starts_with("/v5") {
+            "\"error\""
+        } else {
+            "\"badRequest\""
+        };
+        assert!(response.contains(error), "{target}: {response}");
+        assert!(
+            response.contains("frames averaging under 32 bytes"),
+            "{response}"
+        );
+        assert!(
+            response.to_ascii_lowercase().contains("connection: close"),
+            "{response}"
+        );
+    }
+    assert!(upstream.seen().is_empty(), "{:#?}", upstream.seen());
+    let metrics = String::from_utf8_lossy(&support::admin_get(proxy.admin, "/metrics").await.body)
+        .into_owned();
+    assert_eq!(
+        support::sample(
+            &metrics,
+            r#"snapguard_peers_cut_total{reason="body_fragmented"}"#
+        ),
+        3.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn small_frames_reach_the_upstream_gathered_and_whole() {
+    let (upstream, proxy) = support::pair(Reply::Ok, "").await;
+    // Ordinary small chunks pass: 1,500 of 40 bytes (above the 32-byte average), read whole.
+    let request = chunked_post(
+        "/v3/p1/volumes",
+        (0..1500).map(|i| vec![b'a' + (i % 26) as u8; 40]),
+        true,
+    );
+    let response = support::raw(proxy.addr, &request, Duration::from_secs(5)).await;
+    assert_eq!(status_of(&response), 200, "{response}");
+    // Streamed (over the 64 KiB read whole first): 256 KiB in 2,048 chunks of 128 bytes, sent
+    // in one write. The upstream gets them gathered into a few large frames, not 2,048.
+    let chunks = (0..2048u64).map(|i| {
+        (0..128)
+            .map(|j| support::pattern_byte(i * 128 + j))
+            .collect()
+    });
+    let request = chunked_post("/v3/p1/volumes", chunks, true);
+    let response = support::raw(proxy.addr, &request, Duration::from_secs(10)).await;
+    assert_eq!(status_of(&response), 200, "{response}");
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].body.len(), 60_000);
+    support::assert_pattern(&seen[1].body, 256 * 1024);
+    assert!(
+        seen[1].frames <= 64,
+        "256 KiB in 2,048 chunks reached the upstream in {} frames",
+        seen[1].frames
+    );
+    eprintln!(
+        "2,048 chunks of 128 bytes reached the upstream in {} frames",
+        seen[1].frames
+    );
+}

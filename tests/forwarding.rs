@@ -483,8 +483,9 @@ async fn audit_mode_forwards_violations_unchanged() {
     assert_eq!(got.status, StatusCode::OK);
     assert_eq!(upstream.only().body, RESERVED.as_bytes());
 
-    // Over the body limit, without a Content-Length: the part read and the rest both arrive.
-    let big = format!(r#"{{"snapshot":{{"name":"{}"}}}}"#, "a".repeat(5000));
+    // Over the body limit, without a Content-Length: the part read and the rest both arrive,
+    // the rest streamed (larger than what gathering small frames could hold whole).
+    let big = format!(r#"{{"snapshot":{{"name":"{}"}}}}"#, "a".repeat(100_000));
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let chunks: Vec<Bytes> = big
         .as_bytes()

@@ -294,7 +294,7 @@ impl Upstream {
             let (mut conn, reused) = match self.pool.take() {
                 Some(conn) => (conn, true),
                 // Boxed: rare, and its future would make every request's larger.
-                None => (Box::pin(self.connect()).await?, false),
+                None => Box::pin(self.connection()).await?,
             };
             // A pooled connection may still be settling its last exchange; one the upstream
             // has closed fails here, before anything is sent.
@@ -350,15 +350,33 @@ impl Upstream {
         }
     }
 
-    /// Opens a connection, at the pace `connects` allows.
-    async fn connect(&self) -> Result<Sender, SendError> {
-        let wait = self
-            .connects
-            .reserve(std::time::Instant::now(), self.connect_wait)
-            .ok_or(SendError::Busy("connect_pace"))?;
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+    /// A connection for a request that found the pool empty: one put back meanwhile, or a new
+    /// one when the pace has a turn free, whichever comes first, within `connect_wait`
+    /// (`connect_pace` after it). A turn is taken only to connect at once: a request dropped
+    /// while it waits (an HTTP/2 stream reset) has cost no later request its turn.
+    async fn connection(&self) -> Result<(Sender, bool), SendError> {
+        let deadline = tokio::time::Instant::now() + self.connect_wait;
+        loop {
+            if let Some(conn) = self.pool.take() {
+                return Ok((conn, true));
+            }
+            let wait = match self.connects.try_take(std::time::Instant::now()) {
+                Ok(()) => return Ok((self.connect().await?, false)),
+                Err(wait) => wait,
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(SendError::Busy("connect_pace"));
+            }
+            tokio::select! {
+                () = self.pool.returned() => {}
+                () = tokio::time::sleep(wait) => {}
+                () = tokio::time::sleep_until(deadline) => {}
+            }
         }
+    }
+
+    /// Opens a connection (the caller has had its turn at the pace).
+    async fn connect(&self) -> Result<Sender, SendError> {
         let io = self
             .connector
             .clone()
@@ -529,22 +547,19 @@ impl ConnectPace {
         }
     }
 
-    /// Reserves a connection and returns how long to wait before opening it; `None`, reserving
-    /// nothing, when that would be longer than `max_wait` (the backlog stays bounded, and a
-    /// request that would time out anyway takes no turn from the ones after it).
-    fn reserve(&self, now: std::time::Instant, max_wait: Duration) -> Option<Duration> {
+    /// Takes a turn to open a connection now, or says how long until the next one is free.
+    /// Nothing is reserved by asking.
+    fn try_take(&self, now: std::time::Instant) -> Result<(), Duration> {
         let mut next = self
             .next
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // The earliest the reservation can be, with up to `burst` of credit banked.
         let at = (*next).max(now.checked_sub(self.burst).unwrap_or(now));
-        let wait = at.saturating_duration_since(now);
-        if wait > max_wait {
-            return None;
+        if at > now {
+            return Err(at - now);
         }
         *next = at + self.interval;
-        Some(wait)
+        Ok(())
     }
 }
 
@@ -587,22 +602,17 @@ mod pace_tests {
     use super::*;
 
     #[test]
-    fn connections_open_in_a_burst_then_at_the_pace() {
+    fn connections_open_in_a_burst_then_at_the_pace_and_asking_reserves_nothing() {
         let pace = ConnectPace::new(4, 4);
         let later = std::time::Instant::now() + Duration::from_secs(5);
-        let max = Duration::from_millis(600);
-        let waits: Vec<Option<Duration>> = (0..8).map(|_| pace.reserve(later, max)).collect();
-        assert!(
-            waits[..4].iter().all(|w| *w == Some(Duration::ZERO)),
-            "{waits:?}"
-        );
-        assert_eq!(waits[4], Some(Duration::from_millis(250)));
-        assert_eq!(waits[5], Some(Duration::from_millis(500)));
-        // Past the longest wait nothing is reserved: the backlog does not grow.
-        assert_eq!(waits[6], None);
-        assert_eq!(waits[7], None);
-        // A second later, one more is free again.
-        let later = later + Duration::from_millis(1500);
-        assert_eq!(pace.reserve(later, max), Some(Duration::ZERO));
+        let turns: Vec<Result<(), Duration>> = (0..6).map(|_| pace.try_take(later)).collect();
+        assert!(turns[..4].iter().all(Result::is_ok), "{turns:?}");
+        // Refused turns are not queued: each asker is told the same wait.
+        assert_eq!(turns[4], Err(Duration::from_millis(250)));
+        assert_eq!(turns[5], Err(Duration::from_millis(250)));
+        // Once it has passed, one turn (not two) is free.
+        let then = later + Duration::from_millis(250);
+        assert_eq!(pace.try_take(then), Ok(()));
+        assert_eq!(pace.try_take(then), Err(Duration::from_millis(250)));
     }
 }

@@ -23,6 +23,8 @@ use crate::body::ProxyBody;
 pub type Sender = SendRequest<ProxyBody>;
 
 pub struct Pool {
+    /// Signalled when a connection is put back, for requests waiting to open one.
+    returned: tokio::sync::Notify,
     idle: ArrayQueue<Sender>,
     /// The fewest connections the queue has held since the last reaping.
     low_water: AtomicUsize,
@@ -32,6 +34,7 @@ impl Pool {
     /// A pool keeping at most `capacity` idle connections; more are closed after their use.
     pub fn new(capacity: usize) -> Arc<Self> {
         Arc::new(Self {
+            returned: tokio::sync::Notify::new(),
             idle: ArrayQueue::new(capacity.max(1)),
             low_water: AtomicUsize::new(0),
         })
@@ -45,10 +48,15 @@ impl Pool {
     }
 
     fn put(&self, conn: Sender) {
-        if !conn.is_closed() {
-            // A full queue refuses it, and dropping it closes it.
-            let _ = self.idle.push(conn);
+        // A full queue refuses it, and dropping it closes it.
+        if !conn.is_closed() && self.idle.push(conn).is_ok() {
+            self.returned.notify_one();
         }
+    }
+
+    /// Completes when a connection is put back (or was since the last call).
+    pub async fn returned(&self) {
+        self.returned.notified().await;
     }
 
     /// Lends `conn` to one exchange.

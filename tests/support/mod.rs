@@ -35,6 +35,8 @@ pub struct Seen {
     pub version: Version,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// How many data frames the body came in, as this server's hyper read them.
+    pub frames: usize,
 }
 
 /// How the upstream answers.
@@ -181,9 +183,10 @@ async fn handle(
     progress: Arc<watch::Sender<u64>>,
 ) -> Result<Response<TestBody>, Infallible> {
     let (parts, mut body) = req.into_parts();
-    let mut bytes = Vec::new();
+    let (mut bytes, mut frames) = (Vec::new(), 0);
     while let Some(Ok(frame)) = body.frame().await {
         if let Ok(data) = frame.into_data() {
+            frames += 1;
             bytes.extend_from_slice(&data);
             progress.send_modify(|n| *n += data.len() as u64);
         }
@@ -198,6 +201,7 @@ async fn handle(
         version: parts.version,
         headers: parts.headers,
         body: Bytes::from(bytes),
+        frames,
     });
     let response = match reply {
         Reply::Ok => json(StatusCode::OK, OK_BODY),
