@@ -17,6 +17,7 @@ pub mod error;
 pub mod gather;
 pub mod headers;
 pub mod lifetime;
+pub mod memory;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

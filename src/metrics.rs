@@ -10,7 +10,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,6 +68,8 @@ pub struct Metrics {
     upstream_duration: Durations,
     upstream_errors: Family<KindLabels, Counter>,
     connections: Gauge,
+    /// The most connections open at once since [`Metrics::connections_since`] last looked.
+    connections_peak: AtomicI64,
     upstream_waiting: Gauge,
     reloads: Family<ResultLabels, Counter>,
     cuts: Family<ReasonLabels, Counter>,
@@ -126,6 +128,7 @@ impl Default for Metrics {
             upstream_duration: Durations::default(),
             upstream_errors: Family::default(),
             connections: Gauge::default(),
+            connections_peak: AtomicI64::new(0),
             upstream_waiting: Gauge::default(),
             reloads: Family::default(),
             cuts: Family::default(),
@@ -348,8 +351,19 @@ impl Metrics {
 
     /// Counts a connection as active until the returned guard is dropped.
     pub fn connection(self: &Arc<Self>) -> ConnectionGuard {
-        self.connections.inc();
+        let open = self.connections.inc() + 1;
+        self.connections_peak.fetch_max(open, Ordering::Relaxed);
         ConnectionGuard(self.clone())
+    }
+
+    /// Connections open now, and the most that were open at once since the last call.
+    pub fn connections_since(&self) -> (u64, u64) {
+        let open = self.connections.get();
+        let peak = self
+            .connections_peak
+            .swap(open, Ordering::Relaxed)
+            .max(open);
+        (open.max(0).unsigned_abs(), peak.max(0).unsigned_abs())
     }
 
     pub fn reload(&self, ok: bool) {

@@ -137,6 +137,7 @@ impl Server {
         let metrics = proxy.metrics().clone();
         let admin_addr = admin.local_addr().map_or(handle.addresses.1, |a| a);
         let admin_task = tokio::spawn(admin::serve(admin, ready.clone(), metrics.clone()));
+        let trim_task = tokio::spawn(crate::memory::trim_after_storms(metrics.clone()));
         let terminator = handle.terminator.clone();
         let tls_reloads = terminator
             .clone()
@@ -272,6 +273,7 @@ impl Server {
             );
         }
         admin_task.abort();
+        trim_task.abort();
         if let Some(task) = tls_reloads {
             task.abort();
         }
