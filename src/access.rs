@@ -1,5 +1,6 @@
-//! The access record of one exchange: written to the access log and to the metrics once the
-//! response body has been sent (or abandoned), so its byte counts and duration are whole.
+//! The access record of one exchange: written to the access log and to the metrics when the
+//! exchange ends ([`Exchange::finish`], called by [`crate::body::Logged`] once the response
+//! body has been sent, or abandoned), so its byte counts and duration are whole.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -40,7 +41,7 @@ impl Decision {
     }
 }
 
-/// One request's record. Dropping it writes the access line and counts the request.
+/// One request's record, filled in on the way; [`Exchange::finish`] writes it.
 #[derive(Debug)]
 pub struct Exchange {
     pub started: Instant,
@@ -67,8 +68,9 @@ pub struct Exchange {
     pub metrics: Arc<Metrics>,
 }
 
-impl Drop for Exchange {
-    fn drop(&mut self) {
+impl Exchange {
+    /// The end of the exchange: one access line, and the request counted.
+    pub fn finish(self: Box<Self>) {
         let duration = self.started.elapsed();
         let route = self.route.unwrap_or("none");
         self.metrics.request(

@@ -20,7 +20,7 @@ use hyper::body::{Body, Incoming};
 
 pub use crate::access::Decision;
 use crate::access::Exchange;
-use crate::body::{Progress, ProxyBody};
+use crate::body::{Leased, Logged, Progress, ProxyBody, Tracked};
 use crate::config::Config;
 use crate::decide::{self, Head};
 use crate::error::Error;
@@ -168,7 +168,7 @@ impl Proxy {
     }
 
     /// Handles one downstream request from `peer`. Never fails: errors become responses.
-    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Logged> {
         let started = Instant::now();
         let rt = self.runtime();
         let request_id = self.ids.for_request(req.headers());
@@ -258,6 +258,7 @@ impl Proxy {
                     _ => route.map_or(ErrorStyle::Openstack, |r| r.error_style),
                 };
                 let (mut parts, body) = e.render(style, &rt.config.errors).into_parts();
+                let body = Leased::own(body);
                 if http1 && e.closes_connection() {
                     parts
                         .headers
@@ -286,7 +287,7 @@ impl Proxy {
             client: peer.client.clone(),
             metrics: self.metrics.clone(),
         });
-        response.map(|()| body.finishing(exchange))
+        response.map(|()| Logged::new(body, exchange))
     }
 
     /// Checks the caller's signature once, on the request as it came (`downstream = "verify"`).
@@ -403,7 +404,7 @@ impl Proxy {
         lease: Lease,
         request: &Arc<Progress>,
         pace: Pace,
-    ) -> Result<ProxyBody, Error> {
+    ) -> Result<Leased, Error> {
         let limits = &rt.config.limits;
         let declared = body.size_hint().exact();
         let wanted = match declared {
@@ -415,21 +416,25 @@ impl Proxy {
         let reservation = wanted.and_then(|n| self.budget.reserve(n, limits.buffer_memory));
         let Some(mut reservation) = reservation else {
             let body = Gather::relay(body);
-            return Ok(ProxyBody::stream(body, pace).leasing(lease, request.clone()));
+            return Ok(Leased::new(
+                ProxyBody::stream(body, pace),
+                lease,
+                request.clone(),
+            ));
         };
         let body = Watched::new(Gather::relay(body), pace);
         let read = read_bounded(body, limits.buffer_response_body, None);
         match read.await.map_err(Error::UpstreamBody)? {
             Read::Whole(bytes) => {
                 reservation.shrink_to(bytes.len());
-                Ok(ProxyBody::full(bytes)
-                    .leasing(lease, request.clone())
-                    .budgeted(reservation))
+                let body = ProxyBody::full(bytes).budgeted(reservation);
+                Ok(Leased::new(body, lease, request.clone()))
             }
             // Unknown length, and more than fits: the rest streams after what was read.
             Read::TooLarge(prefix, rest) => {
                 drop(reservation);
-                Ok(ProxyBody::prefixed_watched(prefix, rest).leasing(lease, request.clone()))
+                let body = ProxyBody::prefixed_watched(prefix, rest);
+                Ok(Leased::new(body, lease, request.clone()))
             }
         }
     }
@@ -629,7 +634,7 @@ impl Proxy {
         // The upstream has `upstream_response` to answer once the request body is sent, and the
         // body may not stall for longer than that on its way.
         let limit = rt.config.timeouts.upstream_response;
-        let body = body.tracking(cx.progress.clone());
+        let body = Tracked::new(body, cx.progress.clone());
         let sent = Instant::now();
         let response = rt
             .upstream

@@ -21,6 +21,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::{self, Readiness};
+use crate::body::Relayed;
 use crate::config::{Config, ConfigError};
 use crate::conn::{self, Activity, Closed, Socket};
 use crate::headers::Peer;
@@ -342,7 +343,7 @@ impl Connection {
                 let (proxy, in_flight, who) = (proxy.clone(), activity.begin(), who.clone());
                 async move {
                     let response = proxy.handle(req, &who).await;
-                    Ok::<_, Infallible>(response.map(|body| body.holding(in_flight)))
+                    Ok::<_, Infallible>(response.map(|body| Relayed::new(body, in_flight)))
                 }
             })
         };

@@ -1021,3 +1021,39 @@ async fn a_changed_config_file_is_reloaded_without_a_signal() {
     .await;
     assert_eq!(put().await.status, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn memory_held_by_a_connection_storm_goes_back_to_the_system() {
+    // 1,500 connections with a partial request head take some 40 MiB; once they are gone,
+    // snapguard gives it back (src/memory.rs) instead of keeping it in malloc's heaps.
+    let upstream = Upstream::start(Reply::Ok).await;
+    let bin = Binary::start(binary_path(), &upstream.url(), "", &[]).await;
+    let idle = bin.rss_kb();
+    let mut storm = Vec::new();
+    for _ in 0..1500 {
+        let mut s = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
+        s.write_all(b"GET /v3/p1/snapshots HTTP/1.1\r\nHost: x\r\nX-Partial: ")
+            .await
+            .unwrap();
+        storm.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let peak = bin.rss_kb();
+    assert!(
+        peak > idle + 16 * 1024,
+        "the storm took too little to tell: {idle} -> {peak} KiB"
+    );
+    drop(storm);
+    let mut after = peak;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = bin.rss_kb();
+        if after < idle * 2 {
+            break;
+        }
+    }
+    assert!(
+        after < idle * 2,
+        "RSS {idle} KiB idle, {peak} at the storm's peak, {after} after"
+    );
+}

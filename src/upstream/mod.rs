@@ -42,7 +42,7 @@ use tower_service::Service;
 
 pub use self::pool::Lease;
 use self::pool::{Pool, Sender};
-use crate::body::{Progress, ProxyBody};
+use crate::body::{Progress, Tracked};
 use crate::config::{Config, UpstreamUrl};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -281,7 +281,7 @@ impl Upstream {
     /// lease must go with the response body and be released when that body has been read whole.
     pub async fn send(
         &self,
-        mut req: Request<ProxyBody>,
+        mut req: Request<Tracked>,
         request: &Arc<Progress>,
     ) -> Result<(Response<Incoming>, Lease), SendError> {
         // Held until the response head has arrived, or, for an exchange the downstream
@@ -409,7 +409,7 @@ type ResponseFuture = std::pin::Pin<
         dyn std::future::Future<
                 Output = Result<
                     Response<Incoming>,
-                    hyper::client::conn::TrySendError<Request<ProxyBody>>,
+                    hyper::client::conn::TrySendError<Request<Tracked>>,
                 >,
             > + Send,
     >,
@@ -434,7 +434,7 @@ type Finished = (Response<Incoming>, Lease);
 enum Failed {
     /// The request never left: it may be sent again, with the slot it held.
     Unsent(
-        Box<Request<ProxyBody>>,
+        Box<Request<Tracked>>,
         hyper::Error,
         Option<OwnedSemaphorePermit>,
     ),

@@ -18,9 +18,9 @@ use std::time::Duration;
 use crossbeam_queue::ArrayQueue;
 use hyper::client::conn::http1::SendRequest;
 
-use crate::body::ProxyBody;
+use crate::body::Tracked;
 
-pub type Sender = SendRequest<ProxyBody>;
+pub type Sender = SendRequest<Tracked>;
 
 pub struct Pool {
     /// Signalled when a connection is put back, for requests waiting to open one.

@@ -1,0 +1,195 @@
+//! A response body on its way downstream, in three wrappers with one concern each, composed
+//! innermost first: [`Leased`] (the upstream connection it comes from), [`Logged`] (the
+//! exchange's access record), [`Relayed`] (the downstream connection taking it).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+
+use super::{Progress, ProxyBody};
+use crate::access::Exchange;
+use crate::conn::InFlight;
+use crate::upstream::{BoxError, Lease};
+
+/// A response body that holds the upstream connection it comes from, and gives it back to the
+/// pool once the body has been read whole, if its request was sent whole by then; otherwise
+/// the connection is closed after the exchange (dropping the lease), so that no request waits
+/// behind another's upload. Error responses of snapguard's own hold none.
+#[derive(Debug)]
+pub struct Leased {
+    inner: ProxyBody,
+    lease: Option<(Lease, Arc<Progress>)>,
+}
+
+impl Leased {
+    /// `inner`, read from `lease`'s connection, for the request whose progress is `request`.
+    pub fn new(inner: ProxyBody, lease: Lease, request: Arc<Progress>) -> Self {
+        let mut body = Self {
+            inner,
+            lease: Some((lease, request)),
+        };
+        body.release_if_read();
+        body
+    }
+
+    /// A body that came from no upstream connection.
+    pub fn own(inner: ProxyBody) -> Self {
+        Self { inner, lease: None }
+    }
+
+    fn release_if_read(&mut self) {
+        if self.inner.is_end_stream() {
+            if let Some((lease, request)) = self.lease.take() {
+                if request.sent_whole() {
+                    lease.release();
+                }
+            }
+        }
+    }
+}
+
+impl Body for Leased {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(Some(Ok(_)) | None)) {
+            this.release_if_read();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that counts what it sends for the exchange's access record, and ends the
+/// exchange ([`Exchange::finish`]: the access line and the request metrics) when its last frame
+/// has been handed on, or, if it never gets there (the downstream went away), when it is
+/// dropped.
+#[derive(Debug)]
+pub struct Logged {
+    inner: Leased,
+    exchange: Option<Box<Exchange>>,
+}
+
+impl Logged {
+    pub fn new(inner: Leased, exchange: Box<Exchange>) -> Self {
+        Self {
+            inner,
+            exchange: Some(exchange),
+        }
+    }
+
+    fn end(&mut self) {
+        if let Some(exchange) = self.exchange.take() {
+            exchange.finish();
+        }
+    }
+}
+
+impl Body for Logged {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(exchange)) = (frame.data_ref(), &mut this.exchange) {
+                    exchange.bytes_out += data.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.end();
+                }
+            }
+            Poll::Ready(None) => this.end(),
+            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        // Abandoned, or never polled (an empty body, a HEAD response): the exchange ends here.
+        self.end();
+    }
+}
+
+/// A response body handed to a downstream connection, which watches it being taken
+/// ([`InFlight`]): polled means taken, and the upstream side is polled with a waker that tells
+/// the connection when its data is there; bytes handed on are counted for the send pace.
+#[derive(Debug)]
+pub struct Relayed {
+    inner: Logged,
+    in_flight: InFlight,
+}
+
+impl Relayed {
+    /// Counts the exchange as in flight on its connection until this body is dropped; it is a
+    /// response being sent from now on.
+    pub fn new(inner: Logged, mut in_flight: InFlight) -> Self {
+        in_flight.responding();
+        Self { inner, in_flight }
+    }
+}
+
+impl Body for Relayed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let polled = match this.in_flight.taken(cx.waker()) {
+            Some(waker) => Pin::new(&mut this.inner).poll_frame(&mut Context::from_waker(&waker)),
+            None => Pin::new(&mut this.inner).poll_frame(cx),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.in_flight.sent(data.len());
+                }
+            }
+            Poll::Pending => this.in_flight.waiting_upstream(),
+            Poll::Ready(_) => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
