@@ -171,18 +171,19 @@ pub fn string_or_null(raw: &RawValue) -> Option<Option<Cow<'_, str>>> {
 }
 
 /// Writes `{"k":raw,...}` for the given members, in order.
-pub fn write_object<'a>(out: &mut String, members: impl Iterator<Item = (&'a str, &'a str)>) {
-    use std::fmt::Write;
-    out.push('{');
+pub fn write_object<'a>(out: &mut Vec<u8>, members: impl Iterator<Item = (&'a str, &'a [u8])>) {
+    out.push(b'{');
     for (i, (key, raw)) in members.enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(b',');
         }
-        // Display of a JSON string value is its escaped, quoted form; writing to a String
-        // cannot fail.
-        let _ = write!(out, "{}:{raw}", serde_json::Value::from(key));
+        // A str serializes as its escaped, quoted form, straight into `out` (no copy of the key
+        // on the way); writing to a Vec cannot fail.
+        let _ = serde::Serialize::serialize(key, &mut serde_json::Serializer::new(&mut *out));
+        out.push(b':');
+        out.extend_from_slice(raw);
     }
-    out.push('}');
+    out.push(b'}');
 }
 
 #[cfg(test)]
@@ -313,8 +314,9 @@ mod tests {
 
     #[test]
     fn write_object_escapes_keys_and_copies_values() {
-        let mut out = String::new();
-        write_object(&mut out, [("a\"b", "1"), ("c", "{\"d\": 2}")].into_iter());
-        assert_eq!(out, "{\"a\\\"b\":1,\"c\":{\"d\": 2}}");
+        let mut out = Vec::new();
+        let members: [(&str, &[u8]); 2] = [("a\"b", b"1"), ("c", b"{\"d\": 2}")];
+        write_object(&mut out, members.into_iter());
+        assert_eq!(out, b"{\"a\\\"b\":1,\"c\":{\"d\": 2}}");
     }
 }

@@ -390,27 +390,27 @@ pub fn check_body(
 /// every other member in its original order and with its original raw text.
 fn normalize(route: &Route, members: &json::Members<'_>, fields: &json::Members<'_>) -> Vec<u8> {
     let mut snapshot =
-        String::with_capacity(members.iter().map(|(_, v)| v.get().len()).sum::<usize>() + 16);
+        Vec::with_capacity(members.iter().map(|(_, v)| v.get().len()).sum::<usize>() + 16);
     let kept = fields.iter().filter_map(|(key, raw)| {
         match route.renames.iter().find(|(legacy, _)| legacy == key) {
             Some((_, current)) if fields.iter().any(|(k, _)| k == current) => None,
-            Some((_, current)) => Some((current.as_str(), raw.get())),
-            None => Some((key.as_ref(), raw.get())),
+            Some((_, current)) => Some((current.as_str(), raw.get().as_bytes())),
+            None => Some((key.as_ref(), raw.get().as_bytes())),
         }
     });
     json::write_object(&mut snapshot, kept);
 
-    let mut out = String::with_capacity(snapshot.len() + 32);
+    let mut out = Vec::with_capacity(snapshot.len() + 32);
     let root = members.iter().map(|(key, raw)| {
         let raw = if *key == route.body_root {
-            snapshot.as_str()
+            snapshot.as_slice()
         } else {
-            raw.get()
+            raw.get().as_bytes()
         };
         (key.as_ref(), raw)
     });
     json::write_object(&mut out, root);
-    out.into_bytes()
+    out
 }
 
 #[cfg(test)]
