@@ -437,11 +437,21 @@ impl std::fmt::Display for Problems<'_> {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_with(path, |_| {})
+    }
+
+    /// Reads and parses a config file, applies `overrides` (command-line flags), then
+    /// validates the result: a flag may settle what the file alone would leave invalid (an
+    /// `upstream.ca_file` with `--upstream https://...`).
+    pub fn load_with(
+        path: &Path,
+        overrides: impl FnOnce(&mut Config),
+    ) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_toml(&text)
+        Self::from_toml_with(&text, overrides)
     }
 
     /// Loads the files the configuration points at, as start-up will: the TLS certificate, key
@@ -460,10 +470,20 @@ impl Config {
 
     /// Parses and validates TOML text. Errors carry the line and column of their key.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let config: Config = match toml::from_str(text) {
+        Self::from_toml_with(text, |_| {})
+    }
+
+    /// Parses TOML text, applies `overrides`, validates. Errors carry the line and column of
+    /// their key where the text has it.
+    pub fn from_toml_with(
+        text: &str,
+        overrides: impl FnOnce(&mut Config),
+    ) -> Result<Self, ConfigError> {
+        let mut config: Config = match toml::from_str(text) {
             Ok(config) => config,
             Err(e) => return Err(position::table_errors(text, &e).unwrap_or(e.into())),
         };
+        overrides(&mut config);
         config.validate().map_err(|e| match e {
             ConfigError::Invalid(problems) => {
                 ConfigError::Invalid(position::locate(text, problems))

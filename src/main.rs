@@ -71,11 +71,21 @@ fn config_error(e: &dyn std::fmt::Display) -> ExitCode {
 }
 
 /// The config file (or the defaults), with command-line overrides applied.
+/// The config of `file` (or the built-in defaults) with the command line's flags applied, then
+/// validated.
 fn load(cli: &Cli, file: Option<&PathBuf>) -> Result<Config, snapguard::config::ConfigError> {
-    let mut config = match file {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
+    match file {
+        Some(path) => Config::load_with(path, |config| apply_flags(cli, config)),
+        None => {
+            let mut config = Config::default();
+            apply_flags(cli, &mut config);
+            config.validate()?;
+            Ok(config)
+        }
+    }
+}
+
+fn apply_flags(cli: &Cli, config: &mut Config) {
     if let Some(listen) = cli.listen {
         config.listen = listen;
     }
@@ -91,8 +101,6 @@ fn load(cli: &Cli, file: Option<&PathBuf>) -> Result<Config, snapguard::config::
     if let Some(threads) = cli.threads {
         config.workers = threads;
     }
-    config.validate()?;
-    Ok(config)
 }
 
 fn run_proxy(cli: &Cli) -> ExitCode {

@@ -694,10 +694,10 @@ async fn upstream_connection_failures_are_logged_with_cause_place_and_fix() {
         ca_upstream.addr.port()
     ));
     std::fs::write(&ca_file, ca.pem()).unwrap();
-    // The file is validated before the flags apply: it names the https upstream too.
+    // The flags apply before the file is validated: a file naming a plain-http upstream with a
+    // CA bundle is fine once --upstream says https.
     let with_ca = format!(
-        "[upstream]\nurl = \"https://{}\"\nca_file = {:?}\n",
-        ca_upstream.addr,
+        "[upstream]\nurl = \"http://127.0.0.1:1\"\nca_file = {:?}\n",
         ca_file.display().to_string()
     );
 
