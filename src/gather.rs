@@ -5,11 +5,13 @@
 //! each one costs a turn of the connection's task and, forwarded as it came, an upstream write
 //! and a chunk of its own there. 64 KiB sent as 65,536 one-byte chunks would cost snapguard
 //! some 200 times what the same body costs in one piece, and the upstream as much again.
-//! [`Gather`] bounds both: frames that are ready together, or arrive within [`GATHER_FOR`], go
-//! on as one frame of up to [`GATHER`] bytes (hyper's client re-frames it: one chunk, one write),
-//! and a body that, past [`FRAMES_FREE`] frames, averages under [`MIN_FRAME`] bytes a frame is
-//! cut with [`Stall::Fragmented`] (400, counted as `body_fragmented`). The refusal is the
-//! answer to the per-frame cost that gathering cannot remove: it is paid before gathering.
+//! [`Gather`] bounds both: frames under [`SMALL`] bytes that are ready together, or arrive within
+//! [`GATHER_FOR`], go on as one frame of up to [`GATHER`] bytes (hyper's client re-frames it: one
+//! chunk, one write), and a body that, past [`FRAMES_FREE`] frames, averages under [`MIN_FRAME`]
+//! bytes a frame is cut with [`Stall::Fragmented`] (400, counted as `body_fragmented`). The
+//! refusal is the answer to the per-frame cost that gathering cannot remove: it is paid before
+//! gathering. Frames of [`SMALL`] bytes or more, what hyper yields for a body sent whole, go on
+//! as they are: copying them would cost every ordinary upload and save nothing.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -28,8 +30,10 @@ pub const FRAMES_FREE: u64 = 1024;
 /// ...past which they must average at least this many bytes. Real clients write what they
 /// have: HTTP/2 DATA frames of up to 16 KiB, chunks of a buffer's size.
 pub const MIN_FRAME: u64 = 32;
-/// Small frames are gathered up to this many bytes (what one read of a body sent whole yields:
-/// the upstream sees the writes a normally framed body causes)...
+/// Frames under this many bytes are gathered...
+const SMALL: usize = 4 * 1024;
+/// ...up to this many bytes (what one read of a body sent whole yields: the upstream sees the
+/// writes a normally framed body causes)...
 const GATHER: usize = 64 * 1024;
 /// ...or for at most this long after the first of them, before they go on as one.
 const GATHER_FOR: Duration = Duration::from_millis(2);
@@ -52,8 +56,9 @@ pub struct Gather<B> {
     gathered: BytesMut,
     /// When what was gathered must go at the latest.
     flush: Option<Pin<Box<Sleep>>>,
-    /// Trailers that came after gathered data, sent on the next poll.
-    trailers: Option<Frame<Bytes>>,
+    /// A frame that came after gathered data (trailers, or a frame too large to gather), sent
+    /// on the next poll.
+    held: Option<Frame<Bytes>>,
 }
 
 impl<B> Gather<B> {
@@ -75,14 +80,14 @@ impl<B> Gather<B> {
             bytes: 0,
             gathered: BytesMut::new(),
             flush: None,
-            trailers: None,
+            held: None,
         }
     }
 
-    /// What was gathered, as one frame; the held trailers or the end when nothing was.
+    /// What was gathered, as one frame; the held frame or the end when nothing was.
     fn send_gathered(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if self.gathered.is_empty() {
-            return Poll::Ready(self.trailers.take().map(Ok));
+            return Poll::Ready(self.held.take().map(Ok));
         }
         Poll::Ready(Some(Ok(Frame::data(self.gathered.split().freeze()))))
     }
@@ -108,8 +113,8 @@ where
             };
         }
         if this.gathered.is_empty() {
-            if let Some(trailers) = this.trailers.take() {
-                return Poll::Ready(Some(Ok(trailers)));
+            if let Some(held) = this.held.take() {
+                return Poll::Ready(Some(Ok(held)));
             }
         }
         loop {
@@ -121,7 +126,7 @@ where
                     let data = match frame.into_data() {
                         Ok(data) => data,
                         Err(trailers) => {
-                            this.trailers = Some(trailers);
+                            this.held = Some(trailers);
                             return this.send_gathered();
                         }
                     };
@@ -134,11 +139,14 @@ where
                     if inner.is_end_stream() {
                         this.inner = None;
                     }
-                    // A large frame with nothing before it goes on as it is, uncopied.
-                    if this.gathered.is_empty() && data.len() >= GATHER {
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    // A frame large enough goes on as it is, uncopied, after what was gathered.
+                    if data.len() >= SMALL {
+                        this.held = Some(Frame::data(data));
+                        return this.send_gathered();
                     }
                     if this.gathered.is_empty() {
+                        // Reserved whole once: grown by doubling, it would be copied again.
+                        this.gathered.reserve(GATHER);
                         let at = tokio::time::Instant::now() + GATHER_FOR;
                         match &mut this.flush {
                             Some(timer) => timer.as_mut().reset(at),
@@ -175,12 +183,17 @@ where
 
     fn is_end_stream(&self) -> bool {
         self.gathered.is_empty()
-            && self.trailers.is_none()
+            && self.held.is_none()
             && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        let held = self.gathered.len() as u64;
+        let held_data = self
+            .held
+            .as_ref()
+            .and_then(Frame::data_ref)
+            .map_or(0, Bytes::len);
+        let held = (self.gathered.len() + held_data) as u64;
         match &self.inner {
             Some(inner) => {
                 let hint = inner.size_hint();
@@ -281,6 +294,11 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(sizes(&out), [GATHER, GATHER]);
+
+        // A frame of SMALL bytes or more is never copied: what was gathered goes first.
+        let frames = vec![data(10, 5), data(10, 6), data(SMALL, 7), data(10, 8)];
+        let out = frames_of(Gather::request(body(frames))).await.unwrap();
+        assert_eq!(sizes(&out), [20, SMALL, 10]);
 
         // 2,000 frames of 100 bytes: gathered until a frame crosses GATHER (656 of them).
         let out = frames_of(Gather::request(body(
