@@ -33,7 +33,9 @@ pub type Stream = Watched<Gather<Incoming>>;
 #[derive(Debug, Default)]
 pub struct ProxyBody {
     prefix: Option<Bytes>,
-    rest: Option<Stream>,
+    /// Boxed: a stream is some 300 bytes, and a body is moved several times on its way, while
+    /// most bodies (every small one, every GET's) have none.
+    rest: Option<Box<Stream>>,
     /// Buffered bytes counted against `limits.buffer_memory` while this body holds them.
     budget: Option<crate::lifetime::Reservation>,
 }
@@ -46,10 +48,13 @@ impl ProxyBody {
         }
     }
 
-    /// A body streamed as it comes, held to `pace`.
+    /// A body streamed as it comes, held to `pace`; an empty one is kept as no stream at all.
     pub fn stream(body: Gather<Incoming>, pace: Pace) -> Self {
+        if body.is_end_stream() {
+            return Self::default();
+        }
         Self {
-            rest: Some(Watched::new(body, pace)),
+            rest: Some(Box::new(Watched::new(body, pace))),
             ..Self::default()
         }
     }
@@ -58,7 +63,7 @@ impl ProxyBody {
     pub fn prefixed(prefix: Bytes, rest: Gather<Incoming>, pace: Pace) -> Self {
         Self {
             prefix: Some(prefix),
-            rest: Some(Watched::new(rest, pace)),
+            rest: Some(Box::new(Watched::new(rest, pace))),
             ..Self::default()
         }
     }
@@ -67,7 +72,7 @@ impl ProxyBody {
     pub fn prefixed_watched(prefix: Bytes, rest: Stream) -> Self {
         Self {
             prefix: Some(prefix),
-            rest: Some(rest),
+            rest: Some(Box::new(rest)),
             ..Self::default()
         }
     }
@@ -111,7 +116,7 @@ impl Body for ProxyBody {
         let Some(rest) = &mut this.rest else {
             return Poll::Ready(None);
         };
-        let polled = Pin::new(rest).poll_frame(cx);
+        let polled = Pin::new(&mut **rest).poll_frame(cx);
         if let Poll::Ready(None) = polled {
             this.rest = None;
         }

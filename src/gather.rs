@@ -53,9 +53,17 @@ pub struct Gather<B> {
     gathering: bool,
     frames: u64,
     bytes: u64,
-    gathered: BytesMut,
+    /// Allocated at the first small frame: most bodies never have one, and a body is moved
+    /// several times on its way.
+    state: Option<Box<Gathered>>,
+}
+
+/// Small frames gathered so far, and what goes after them.
+#[derive(Debug)]
+struct Gathered {
+    data: BytesMut,
     /// When what was gathered must go at the latest.
-    flush: Option<Pin<Box<Sleep>>>,
+    flush: Pin<Box<Sleep>>,
     /// A frame that came after gathered data (trailers, or a frame too large to gather), sent
     /// on the next poll.
     held: Option<Frame<Bytes>>,
@@ -78,18 +86,24 @@ impl<B> Gather<B> {
             gathering,
             frames: 0,
             bytes: 0,
-            gathered: BytesMut::new(),
-            flush: None,
-            held: None,
+            state: None,
         }
     }
 
     /// What was gathered, as one frame; the held frame or the end when nothing was.
     fn send_gathered(&mut self) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.gathered.is_empty() {
-            return Poll::Ready(self.held.take().map(Ok));
+        let Some(state) = self.state.as_mut() else {
+            return Poll::Ready(None);
+        };
+        if state.data.is_empty() {
+            return Poll::Ready(state.held.take().map(Ok));
         }
-        Poll::Ready(Some(Ok(Frame::data(self.gathered.split().freeze()))))
+        Poll::Ready(Some(Ok(Frame::data(state.data.split().freeze()))))
+    }
+
+    /// Bytes gathered and not sent yet.
+    fn gathered(&self) -> usize {
+        self.state.as_ref().map_or(0, |s| s.data.len())
     }
 }
 
@@ -112,8 +126,8 @@ where
                 None => Poll::Ready(None),
             };
         }
-        if this.gathered.is_empty() {
-            if let Some(held) = this.held.take() {
+        if let Some(state) = this.state.as_mut().filter(|s| s.data.is_empty()) {
+            if let Some(held) = state.held.take() {
                 return Poll::Ready(Some(Ok(held)));
             }
         }
@@ -121,12 +135,19 @@ where
             let Some(inner) = this.inner.as_mut() else {
                 return this.send_gathered();
             };
-            match Pin::new(&mut *inner).poll_frame(cx) {
+            let polled = Pin::new(&mut *inner).poll_frame(cx);
+            let ended = inner.is_end_stream();
+            match polled {
                 Poll::Ready(Some(Ok(frame))) => {
                     let data = match frame.into_data() {
                         Ok(data) => data,
+                        Err(trailers) if this.gathered() == 0 => {
+                            return Poll::Ready(Some(Ok(trailers)));
+                        }
                         Err(trailers) => {
-                            this.held = Some(trailers);
+                            if let Some(state) = this.state.as_mut() {
+                                state.held = Some(trailers);
+                            }
                             return this.send_gathered();
                         }
                     };
@@ -136,25 +157,34 @@ where
                         this.inner = None;
                         return Poll::Ready(Some(Err(Stall::Fragmented(this.frames).into())));
                     }
-                    if inner.is_end_stream() {
+                    if ended {
                         this.inner = None;
                     }
                     // A frame large enough goes on as it is, uncopied, after what was gathered.
                     if data.len() >= SMALL {
-                        this.held = Some(Frame::data(data));
-                        return this.send_gathered();
+                        return match this.state.as_mut().filter(|s| !s.data.is_empty()) {
+                            Some(state) => {
+                                state.held = Some(Frame::data(data));
+                                this.send_gathered()
+                            }
+                            None => Poll::Ready(Some(Ok(Frame::data(data)))),
+                        };
                     }
-                    if this.gathered.is_empty() {
+                    let at = tokio::time::Instant::now() + GATHER_FOR;
+                    let state = this.state.get_or_insert_with(|| {
+                        Box::new(Gathered {
+                            data: BytesMut::new(),
+                            flush: Box::pin(tokio::time::sleep_until(at)),
+                            held: None,
+                        })
+                    });
+                    if state.data.is_empty() {
                         // Reserved whole once: grown by doubling, it would be copied again.
-                        this.gathered.reserve(GATHER);
-                        let at = tokio::time::Instant::now() + GATHER_FOR;
-                        match &mut this.flush {
-                            Some(timer) => timer.as_mut().reset(at),
-                            None => this.flush = Some(Box::pin(tokio::time::sleep_until(at))),
-                        }
+                        state.data.reserve(GATHER);
+                        state.flush.as_mut().reset(at);
                     }
-                    this.gathered.extend_from_slice(&data);
-                    if this.inner.is_none() || this.gathered.len() >= GATHER {
+                    state.data.extend_from_slice(&data);
+                    if this.inner.is_none() || state.data.len() >= GATHER {
                         return this.send_gathered();
                     }
                 }
@@ -164,14 +194,10 @@ where
                     return this.send_gathered();
                 }
                 Poll::Pending => {
-                    if this.gathered.is_empty() {
+                    let Some(state) = this.state.as_mut().filter(|s| !s.data.is_empty()) else {
                         return Poll::Pending;
-                    }
-                    let due = this
-                        .flush
-                        .as_mut()
-                        .is_none_or(|timer| timer.as_mut().poll(cx).is_ready());
-                    return if due {
+                    };
+                    return if state.flush.as_mut().poll(cx).is_ready() {
                         this.send_gathered()
                     } else {
                         Poll::Pending
@@ -182,18 +208,18 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.gathered.is_empty()
-            && self.held.is_none()
-            && self.inner.as_ref().is_none_or(Body::is_end_stream)
+        let held = self.state.as_ref().is_some_and(|s| s.held.is_some());
+        self.gathered() == 0 && !held && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
         let held_data = self
-            .held
+            .state
             .as_ref()
+            .and_then(|s| s.held.as_ref())
             .and_then(Frame::data_ref)
             .map_or(0, Bytes::len);
-        let held = (self.gathered.len() + held_data) as u64;
+        let held = (self.gathered() + held_data) as u64;
         match &self.inner {
             Some(inner) => {
                 let hint = inner.size_hint();

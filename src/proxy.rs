@@ -715,8 +715,12 @@ where
                 // Sized once for what the body says it holds (within the limit), so that it is
                 // not copied again at every doubling.
                 let hint = body.size_hint();
-                let expected = hint.exact().unwrap_or(hint.lower()).saturating_add(len as u64);
-                buf.reserve(usize::try_from(expected).unwrap_or(max).clamp(len, max + 1));
+                let expected = hint
+                    .exact()
+                    .unwrap_or(hint.lower())
+                    .saturating_add(len as u64);
+                let bounded = usize::try_from(expected).unwrap_or(usize::MAX).min(max + 1);
+                buf.reserve(bounded.max(len));
                 buf.extend_from_slice(&earlier);
                 buf.extend_from_slice(&data);
             }
