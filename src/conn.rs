@@ -40,8 +40,8 @@ pub struct Activity {
     sending_since_ms: AtomicU64,
     sent: AtomicU64,
     taken_ms: AtomicU64,
-    /// Wakes the deadline watch when a response starts being sent.
-    responding: Notify,
+    /// Wakes the deadline watch when the connection abandons too many requests.
+    abandoning: Notify,
     /// Set when the connection is cut: its socket is reset when dropped.
     reset: AtomicBool,
     /// Requests abandoned before their response (HTTP/2 streams reset by the peer).
@@ -65,7 +65,7 @@ impl Activity {
             sending_since_ms: AtomicU64::new(0),
             sent: AtomicU64::new(0),
             taken_ms: AtomicU64::new(0),
-            responding: Notify::new(),
+            abandoning: Notify::new(),
             reset: AtomicBool::new(false),
             abandoned: AtomicU64::new(0),
         })
@@ -182,7 +182,6 @@ impl InFlight {
             a.sent.store(0, Ordering::Release);
             a.sending_since_ms.store(now, Ordering::Release);
             a.taken_ms.store(now, Ordering::Release);
-            a.responding.notify_one();
         }
         self.relay = Some(Arc::new(Relay {
             activity: a.clone(),
@@ -235,7 +234,7 @@ impl Drop for InFlight {
             // Dropped before a response was handed over: the peer abandoned the request.
             activity.abandoned.fetch_add(1, Ordering::AcqRel);
             if activity.abandons_too_many() {
-                activity.responding.notify_one();
+                activity.abandoning.notify_one();
             }
         }
         activity
@@ -347,17 +346,22 @@ pub async fn with_deadlines<F: Future>(
             idle
         }
     };
+    // The watch looks at least this often, so that a response that started being sent is
+    // checked before its pace could first be broken (after the grace period, or after
+    // `pace.idle` standing still), without being woken for every response: a wake-up every few
+    // seconds per connection instead of one per request.
+    let look = pace.idle.min(pace.grace).max(Duration::from_secs(1));
     loop {
+        let next_look = Instant::now() + look;
         let mut deadline = activity
             .idle_since()
-            .map_or_else(|| Instant::now() + idle, |t| t + limit());
+            .map_or(next_look, |t| (t + limit()).min(next_look));
         if let Some((_, next)) = activity.sending_pace(&pace) {
             deadline = deadline.min(next);
         }
         tokio::select! {
             out = &mut conn => return Ok(out),
-            // A response started (its pace sets the next deadline), or a request was abandoned.
-            () = activity.responding.notified() => {
+            () = activity.abandoning.notified() => {
                 if activity.abandons_too_many() {
                     activity.reset.store(true, Ordering::Release);
                     return Err(Closed::Abandoning);
