@@ -49,29 +49,26 @@ upstream on CPU 1. Everything listens on 127.0.0.1; every loop is bounded in cou
 every process started is stopped by PID (and dies with this script: PR_SET_PDEATHSIG).
 
 snapguard is built in release mode with its own CARGO_TARGET_DIR (target/abuse); the HTTP/2
-attack uses python-hyper's h2, pinned, in a virtualenv this script creates (target/abuseenv).
+attack uses python-hyper's h2, pinned, in the virtualenv bench/common.py creates (target/benchenv).
 The table goes to stdout and to bench/results/abuse-latest.md (raw numbers beside it, .json).
 """
 
 import argparse
 import asyncio
 import collections
-import ctypes
 import json
 import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VENV = os.path.join(ROOT, "target", "abuseenv")
-H2_PACKAGES = ["h2==4.4.1", "hpack==4.2.0", "hyperframe==6.1.0"]
-TICKS = os.sysconf("SC_CLK_TCK")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Proc, cargo_build, ensure_nginx, ensure_venv, free_port, http_get, log, percentile, stop_all, tree_state, wait_port, ROOT  # noqa: E402
+
 
 ORDINARY_PATH = "/v3/p1/snapshots"
 PASSTHROUGH_PATH = "/v3/p1/volumes/v1/action"
@@ -81,11 +78,8 @@ ORDINARY_INTERVAL = 0.02
 ORDINARY_TIMEOUT = 5.0
 PARTIAL_HEAD = b"GET /v3/p1/snapshots HTTP/1.1\r\nHost: 127.0.0.1\r\n"
 
-PROCS = []
 
 
-def log(*args):
-    print(*args, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,151 +130,32 @@ def request_bytes(method, path, body, chunked, chunk=1):
 # Processes
 
 
-def _die_with_parent():
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
-class Proc:
-    """A process pinned to one CPU, stopped by PID."""
-
-    def __init__(self, cmd, cpu, env=None, stdout=None, stderr=None):
-        self.name = os.path.basename(cmd[0])
-        pin = ["taskset", "-c", str(cpu)] if cpu is not None else []
-        self.p = subprocess.Popen([*pin, *cmd], env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL,
-                                  stdout=stdout or subprocess.DEVNULL, stderr=stderr or subprocess.DEVNULL,
-                                  start_new_session=True, preexec_fn=_die_with_parent)
-        PROCS.append(self)
-
-    @property
-    def pid(self):
-        return self.p.pid
-
-    def alive(self):
-        return self.p.poll() is None
-
-    def cpu_seconds(self):
-        try:
-            with open(f"/proc/{self.p.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / TICKS
-        except OSError:
-            return float("nan")
-
-    def status_kb(self, key):
-        try:
-            with open(f"/proc/{self.p.pid}/status") as f:
-                for line in f:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1])
-        except OSError:
-            pass
-        return 0
-
-    def stop(self, grace=5.0):
-        if self.p.poll() is None:
-            try:
-                self.p.terminate()
-                self.p.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        if self in PROCS:
-            PROCS.remove(self)
 
 
-def stop_all():
-    for p in reversed(list(PROCS)):
-        try:
-            p.stop(grace=2.0)
-        except Exception as e:  # keep stopping the others
-            log(f"could not stop {p.name} ({p.pid}): {e}")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_port(port, proc=None, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and not proc.alive():
-            raise RuntimeError(f"{proc.name} exited with {proc.p.returncode} before listening on {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
-def http_get(port, path, timeout=5.0):
-    """One blocking GET on a fresh connection: (status, body)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
 
 
 # ---------------------------------------------------------------------------------------------
 # Setup
 
 
-def ensure_nginx():
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-    if nginx:
-        return nginx
-    log("installing nginx-light")
-    subprocess.run(["apt-get", "update", "-qq"], check=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "nginx-light"], check=True,
-                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, stdout=subprocess.DEVNULL)
-    return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def ensure_venv():
-    python = os.path.join(VENV, "bin", "python")
-    stamp = os.path.join(VENV, "abuse-requirements.txt")
-    wanted = "\n".join(H2_PACKAGES) + "\n"
-    if os.path.exists(python) and os.path.exists(stamp) and open(stamp).read() == wanted:
-        return python
-    log(f"creating {os.path.relpath(VENV, ROOT)} with {' '.join(H2_PACKAGES)}")
-    subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
-    subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *H2_PACKAGES], check=True)
-    with open(stamp, "w") as f:
-        f.write(wanted)
-    return python
 
 
 def build(target_dir, retries):
     """snapguard on its own (built together with the examples it would get their dev-dependency
     features, tokio's test-util among them), then the counting upstream."""
-    env = {**os.environ, "CARGO_TARGET_DIR": target_dir}
     for what in (["--bin", "snapguard"], ["--example", "abuse_upstream"]):
-        for attempt in range(retries + 1):
-            log(f"cargo build --release {' '.join(what)} (CARGO_TARGET_DIR={target_dir})")
-            if subprocess.run(["cargo", "build", "--release", "--locked", *what], cwd=ROOT, env=env).returncode == 0:
-                break
-            if attempt == retries:
-                sys.exit(f"cargo build {' '.join(what)} failed")
-            log("build failed (the tree may be mid-edit); retrying in 60 s")
-            time.sleep(60)
-
-
-def tree_state():
-    rev = subprocess.run(["git", "-C", ROOT, "log", "-1", "--format=%h"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.splitlines()
-    return rev, len(dirty)
+        if not cargo_build(target_dir, what, retries):
+            sys.exit(f"cargo build {' '.join(what)} failed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,11 +293,6 @@ async def read_response(reader):
     return status, keep_alive
 
 
-def percentile(values, p):
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
 async def worker_load(spec):
@@ -875,7 +745,7 @@ def fmt(x, digits=0, unit=""):
 
 def report(results, meta, names):
     L = []
-    L.append(f"snapguard {meta['rev']} ({meta['dirty']} files modified in the work tree), nginx {meta['nginx']}, "
+    L.append(f"snapguard {meta['rev']} ({len(meta['dirty'])} files changed or new in the work tree), nginx {meta['nginx']}, "
              f"{meta['date']}. Proxy and upstream on CPU {meta['proxy_cpu']}, load on CPU {meta['load_cpu']}; "
              f"load average at start {meta['loadavg']}.")
     L.append("")

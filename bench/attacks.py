@@ -41,13 +41,10 @@ from the config (plus 2 s + 10% for timer and polling granularity).
 
 import argparse
 import asyncio
-import ctypes
 import json
-import math
 import os
 import re
 import resource
-import shutil
 import signal
 import socket
 import statistics
@@ -57,10 +54,10 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VENV = os.path.join(ROOT, "target", "benchenv")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Proc, cargo_build, ensure_nginx, ensure_venv, free_port, http_get, log, percentile, stop_all, tree_state, wait_port, ROOT  # noqa: E402
+
 # The HTTP/2 attacks drive raw frames with python-hyper's h2 (and its two dependencies), pinned.
-H2_PACKAGES = ["h2==4.4.1", "hpack==4.2.0", "hyperframe==6.1.0"]
 
 PROJECT = "6a3c5b1d9e2f4a7b8c0d1e2f3a4b5c6d"
 ORDINARY_PATH = f"/v3/{PROJECT}/snapshots"
@@ -107,11 +104,8 @@ KNOWN_KEYS = {
 }
 SECTIONS = ("timeouts", "limits")
 
-PROCS = []  # every process this script started, stopped by PID on the way out
 
 
-def log(*args):
-    print(*args, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,106 +153,22 @@ def fmt_ms(x):
     return f"{x * 1000:.0f}" if x >= 0.1 else f"{x * 1000:.1f}"
 
 
-def percentile(values, p):
-    if not values:
-        return None
-    values = sorted(values)
-    k = max(0, min(len(values) - 1, math.ceil(p / 100 * len(values)) - 1))
-    return values[k]
 
 
 # ---------------------------------------------------------------------------------------------
 # Processes
 
 
-def _die_with_parent():
-    # PR_SET_PDEATHSIG = 1: the child gets SIGKILL if this script dies, however it dies.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except OSError:
-        pass
 
 
-class Proc:
-    """A process pinned to one CPU, in its own session (a terminal's Ctrl-C reaches only this
-    script, which then stops it), stopped by PID."""
-
-    def __init__(self, cmd, cpu, env=None, stdout=None, stderr=None, stdin=subprocess.DEVNULL):
-        self.name = os.path.basename(cmd[0])
-        self.p = subprocess.Popen(["taskset", "-c", str(cpu), *cmd], env={**os.environ, **(env or {})},
-                                  stdin=stdin, stdout=stdout or subprocess.DEVNULL,
-                                  stderr=stderr or subprocess.DEVNULL, start_new_session=True,
-                                  preexec_fn=_die_with_parent)
-        PROCS.append(self)
-
-    @property
-    def pid(self):
-        return self.p.pid
-
-    def status_kb(self, key):
-        try:
-            with open(f"/proc/{self.p.pid}/status") as f:
-                for line in f:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1])
-        except OSError:
-            pass
-        return 0
-
-    def alive(self):
-        return self.p.poll() is None
-
-    def stop(self, grace=3.0, sig=signal.SIGTERM):
-        if self.p.poll() is None:
-            try:
-                self.p.send_signal(sig)
-                self.p.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
-        if self in PROCS:
-            PROCS.remove(self)
 
 
-def stop_all():
-    for p in reversed(list(PROCS)):
-        try:
-            p.stop(grace=2.0)
-        except Exception as e:  # keep stopping the others
-            log(f"could not stop {p.name} ({p.pid}): {e}")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_port(port, proc=None, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and not proc.alive():
-            raise RuntimeError(f"{proc.name} exited with {proc.p.returncode} before listening on {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
-def http_get(port, path, timeout=5.0):
-    """One blocking HTTP/1.1 GET on a fresh connection: (status, body length)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
-        data = b""
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), len(body)
 
 
 def h2c_supported(port):
@@ -281,42 +191,10 @@ def h2c_supported(port):
 # Setup: tools, virtualenv, build
 
 
-def ensure_nginx():
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-    if nginx:
-        return nginx
-    log("installing nginx-light")
-    subprocess.run(["apt-get", "update", "-qq"], check=True)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "nginx-light"],
-                   check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-                   stdout=subprocess.DEVNULL)
-    return shutil.which("nginx") or "/usr/sbin/nginx"
 
 
-def ensure_venv():
-    python = os.path.join(VENV, "bin", "python")
-    stamp = os.path.join(VENV, "attacks-requirements.txt")
-    wanted = "\n".join(H2_PACKAGES) + "\n"
-    if os.path.exists(python) and os.path.exists(stamp) and open(stamp).read() == wanted:
-        return python
-    log(f"creating {os.path.relpath(VENV, ROOT)} with {' '.join(H2_PACKAGES)}")
-    subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
-    subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *H2_PACKAGES],
-                   check=True)
-    with open(stamp, "w") as f:
-        f.write(wanted)
-    return python
 
 
-def cargo_build(target_dir, what, retries):
-    env = {**os.environ, "CARGO_TARGET_DIR": target_dir}
-    for attempt in range(retries + 1):
-        if subprocess.run(["cargo", "build", "--release", "--locked", *what], cwd=ROOT, env=env).returncode == 0:
-            return True
-        if attempt < retries:
-            log(f"cargo build {' '.join(what)} failed (the tree may be mid-edit); retrying in 60 s")
-            time.sleep(60)
-    return False
 
 
 def build(args):
@@ -342,13 +220,6 @@ def build(args):
     return os.path.abspath(snapguard), os.path.abspath(upstream)
 
 
-def tree_state():
-    def git(*a):
-        r = subprocess.run(["git", "-C", ROOT, *a], capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else ""
-    commit = git("log", "-1", "--format=%h") or "unknown"
-    dirty = [line for line in git("status", "--porcelain").splitlines() if line]
-    return commit, dirty
 
 
 # ---------------------------------------------------------------------------------------------
