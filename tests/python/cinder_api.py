@@ -319,13 +319,60 @@ def _wait(what, proc, probe, log, deadline=60.0):
                        + log.read_text(errors="replace")[-4000:])
 
 
-@pytest.fixture(scope="session")
-def stack():
-    cinder_api = VENV_BIN / "cinder-api"
-    cinder_manage = VENV_BIN / "cinder-manage"
+def require_cinder_api():
+    """cinder-api and cinder-manage of the venv the tests run in."""
+    cinder_api, cinder_manage = VENV_BIN / "cinder-api", VENV_BIN / "cinder-manage"
     if not cinder_api.exists():
         raise RuntimeError(f"no cinder-api beside {sys.executable}: run the tests with the python "
                            "that tests/python/setup.sh prints")
+    return cinder_api, cinder_manage
+
+
+@contextlib.contextmanager
+def running(st, snapguard_cmd, seeded):
+    """Seeds `st`'s Cinder database with `seeded` snapshots, starts cinder-api and then
+    snapguard (`snapguard_cmd`, its environment cleared of SNAPGUARD_* settings), yields once
+    both are ready, and stops both. `st.tmp` (cinder.conf, the database, both logs) is removed
+    afterwards unless SNAPGUARD_E2E_KEEP is set."""
+    cinder_api, cinder_manage = require_cinder_api()
+    _run([str(cinder_manage), "--config-file", str(st.conf), "db", "sync"])
+    seeded_out = _run([sys.executable, "-c", SEED, str(st.conf), st.project, st.user, str(seeded)])
+    st.seed = json.loads(seeded_out.stdout.strip().splitlines()[-1])
+    st._pool = list(st.seed["snapshots"])
+
+    cinder = snapguard = None
+    try:
+        with open(st.cinder_log, "wb") as log:
+            cinder = subprocess.Popen([str(cinder_api), "--config-file", str(st.conf)],
+                                      stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                      start_new_session=True)
+        _wait("cinder-api", cinder,
+              lambda: request(st.cinder_port, "GET", "/", timeout=2).status == 300, st.cinder_log)
+
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("SNAPGUARD_CONFIG", "SNAPGUARD_LISTEN", "SNAPGUARD_UPSTREAM",
+                            "SNAPGUARD_ADMIN")}
+        with open(st.snapguard_log, "wb") as log:
+            snapguard = subprocess.Popen(snapguard_cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=log, env=env, start_new_session=True)
+        # The admin listener is plain HTTP, TLS or not.
+        _wait("snapguard", snapguard,
+              lambda: request(st.admin_port, "GET", "/readyz", timeout=2).status == 200,
+              st.snapguard_log, deadline=20)
+        yield st
+    finally:
+        _stop(snapguard)
+        _stop(cinder)
+        if os.environ.get("SNAPGUARD_E2E_KEEP"):
+            print(f"\nkept {st.tmp}")
+        else:
+            import shutil
+            shutil.rmtree(st.tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stack():
+    require_cinder_api()
     sg = snapguard_bin()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="snapguard-cinder-e2e-"))
     cinder_port, proxy_port, admin_port = free_port(), free_port(), free_port()
@@ -334,39 +381,7 @@ def stack():
                project=uuid.uuid4().hex, user="e2e-user",
                cinder_port=cinder_port, proxy_port=proxy_port, admin_port=admin_port,
                cinder_log=tmp / "cinder-api.log", snapguard_log=tmp / "snapguard.log")
-
-    _run([str(cinder_manage), "--config-file", str(conf), "db", "sync"])
-    seeded = _run([sys.executable, "-c", SEED, str(conf), st.project, st.user,
-                   str(SNAPSHOT_POOL)])
-    st.seed = json.loads(seeded.stdout.strip().splitlines()[-1])
-    st._pool = list(st.seed["snapshots"])
-
-    cinder = snapguard = None
-    try:
-        with open(st.cinder_log, "wb") as log:
-            cinder = subprocess.Popen([str(cinder_api), "--config-file", str(conf)],
-                                      stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                      start_new_session=True)
-        _wait("cinder-api", cinder,
-              lambda: request(cinder_port, "GET", "/", timeout=2).status == 300, st.cinder_log)
-
-        env = dict(os.environ)
-        env.pop("SNAPGUARD_CONFIG", None)
-        with open(st.snapguard_log, "wb") as log:
-            snapguard = subprocess.Popen(
-                [sg, "--listen", f"127.0.0.1:{proxy_port}", "--admin", f"127.0.0.1:{admin_port}",
-                 "--upstream", f"http://127.0.0.1:{cinder_port}"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                start_new_session=True)
-        _wait("snapguard", snapguard,
-              lambda: request(admin_port, "GET", "/readyz", timeout=2).status == 200,
-              st.snapguard_log, deadline=20)
+    cmd = [sg, "--listen", f"127.0.0.1:{proxy_port}", "--admin", f"127.0.0.1:{admin_port}",
+           "--upstream", f"http://127.0.0.1:{cinder_port}"]
+    with running(st, cmd, SNAPSHOT_POOL):
         yield st
-    finally:
-        _stop(snapguard)
-        _stop(cinder)
-        if os.environ.get("SNAPGUARD_E2E_KEEP"):  # keep cinder.conf, the database and both logs
-            print(f"\nkept {tmp}")
-        else:
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)

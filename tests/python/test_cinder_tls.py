@@ -19,13 +19,11 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import os
 import pathlib
 import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import tempfile
 import urllib.parse
 import uuid
@@ -37,8 +35,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from cinder_api import (RESERVED, SEED, VENV_BIN, Stack, _run, _stop, _wait, _write_conf,
-                        free_port, request)
+from cinder_api import (RESERVED, Stack, _write_conf, free_port, request, require_cinder_api,
+                        running)
 from conftest import snapguard_bin
 
 SEEDED = 4  # snapshots seeded: 2+ for the paginated list, the rest for the PUTs
@@ -129,11 +127,7 @@ class TlsStack(Stack):
 
 @pytest.fixture(scope="session")
 def tls_stack():
-    cinder_api = VENV_BIN / "cinder-api"
-    cinder_manage = VENV_BIN / "cinder-manage"
-    if not cinder_api.exists():
-        raise RuntimeError(f"no cinder-api beside {sys.executable}: run the tests with the python "
-                           "that tests/python/setup.sh prints")
+    require_cinder_api()
     sg = snapguard_bin()
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="snapguard-cinder-tls-"))
     cinder_port, proxy_port, admin_port = free_port(), free_port(), free_port()
@@ -161,41 +155,8 @@ key_file = "{pki['key']}"
                   cinder_log=tmp / "cinder-api.log", snapguard_log=tmp / "snapguard.log")
     st.ca = pki["ca"]
     st.leaf_der = pki["leaf_der"]
-
-    _run([str(cinder_manage), "--config-file", str(conf), "db", "sync"])
-    seeded = _run([sys.executable, "-c", SEED, str(conf), st.project, st.user, str(SEEDED)])
-    st.seed = json.loads(seeded.stdout.strip().splitlines()[-1])
-    st._pool = list(st.seed["snapshots"])
-
-    cinder = snapguard = None
-    try:
-        with open(st.cinder_log, "wb") as log:
-            cinder = subprocess.Popen([str(cinder_api), "--config-file", str(conf)],
-                                      stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                      start_new_session=True)
-        _wait("cinder-api", cinder,
-              lambda: request(cinder_port, "GET", "/", timeout=2).status == 300, st.cinder_log)
-
-        env = dict(os.environ)
-        for name in ("SNAPGUARD_CONFIG", "SNAPGUARD_LISTEN", "SNAPGUARD_UPSTREAM",
-                     "SNAPGUARD_ADMIN"):
-            env.pop(name, None)
-        with open(st.snapguard_log, "wb") as log:
-            snapguard = subprocess.Popen([sg, "--config", str(sg_conf)],
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         env=env, start_new_session=True)
-        # The admin listener stays plain HTTP.
-        _wait("snapguard", snapguard,
-              lambda: request(admin_port, "GET", "/readyz", timeout=2).status == 200,
-              st.snapguard_log, deadline=20)
+    with running(st, [sg, "--config", str(sg_conf)], SEEDED):
         yield st
-    finally:
-        _stop(snapguard)
-        _stop(cinder)
-        if os.environ.get("SNAPGUARD_E2E_KEEP"):  # keep the configs, the PKI, the db and logs
-            print(f"\nkept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- helpers ----------------------------------------------------------------------------------
