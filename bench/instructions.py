@@ -40,7 +40,7 @@ def total_instructions(out_file):
 def measure(target, name, upstream_port, tmp, seconds):
     method, path, body = bench.SCENARIOS[name]
     port = bench.free_port()
-    out_file = os.path.join(tmp, f"callgrind.{target}")
+    out_file = os.path.join(tmp, f"callgrind.{target}.{name[0]}")
     if target == "snapguard":
         cmd = [os.path.join(bench.RELEASE, "snapguard"), "--threads", "1", "--listen", f"127.0.0.1:{port}",
                "--admin", f"127.0.0.1:{bench.free_port()}", "--upstream", f"http://127.0.0.1:{upstream_port}"]
@@ -68,6 +68,7 @@ def main():
     parser.add_argument("--scenarios", default="ab", help="scenario letters of bench/run.py (default: ab)")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="snapguard-instructions-")
+    print(f"callgrind profiles (callgrind.TARGET.SCENARIO, for callgrind_annotate): {tmp}")
     upstream_port = bench.free_port()
     upstream = bench.Proc([os.path.join(bench.RELEASE, "examples", "bench_upstream"),
                            f"127.0.0.1:{upstream_port}"], cpu=1)

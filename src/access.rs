@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{HeaderValue, Method};
+use http::{HeaderValue, Method, Uri};
 
 use crate::body::Progress;
 use crate::metrics::{method_label, Metrics, RequestLabels};
@@ -46,8 +46,9 @@ impl Decision {
 pub struct Exchange {
     pub started: Instant,
     pub method: Method,
-    /// The request path, without the query (which may carry tokens).
-    pub path: String,
+    /// The request target; only its path is logged, never the query (which may carry tokens).
+    /// Kept whole because cloning it shares its bytes, where a path of its own would be copied.
+    pub uri: Uri,
     pub route: Option<&'static str>,
     pub decision: Decision,
     /// The policy rule violated, if any.
@@ -85,7 +86,7 @@ impl Exchange {
         tracing::info!(
             target: "snapguard::access",
             method = %self.method,
-            path = %self.path,
+            path = %self.uri.path(),
             status = self.status,
             route = %route,
             decision = self.decision.as_str(),

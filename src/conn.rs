@@ -77,6 +77,7 @@ impl Activity {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight {
             activity: self.clone(),
+            responding: false,
             relay: None,
         }
     }
@@ -128,6 +129,8 @@ impl Activity {
 pub struct InFlight {
     activity: Arc<Activity>,
     /// Set once the response is being sent.
+    responding: bool,
+    /// For a response that may wait for the upstream's data: what tells whose turn it is.
     relay: Option<Arc<Relay>>,
 }
 
@@ -171,11 +174,14 @@ impl Wake for Relay {
 }
 
 impl InFlight {
-    /// The response body is handed to the connection: from now on it must keep moving.
-    pub fn responding(&mut self) {
-        if self.relay.is_some() {
+    /// The response body is handed to the connection: from now on it must keep moving. A body
+    /// held whole in memory (`buffered`) never waits for the upstream, so whatever holds it up
+    /// is the downstream, and it needs no relay.
+    pub fn responding(&mut self, buffered: bool) {
+        if self.responding {
             return;
         }
+        self.responding = true;
         let a = &self.activity;
         if a.sending.fetch_add(1, Ordering::AcqRel) == 0 {
             let now = a.now_ms();
@@ -183,11 +189,13 @@ impl InFlight {
             a.sending_since_ms.store(now, Ordering::Release);
             a.taken_ms.store(now, Ordering::Release);
         }
-        self.relay = Some(Arc::new(Relay {
-            activity: a.clone(),
-            waiting: AtomicBool::new(false),
-            downstream: Mutex::new(None),
-        }));
+        if !buffered {
+            self.relay = Some(Arc::new(Relay {
+                activity: a.clone(),
+                waiting: AtomicBool::new(false),
+                downstream: Mutex::new(None),
+            }));
+        }
     }
 
     /// The downstream took (or is ready to take) more of the response: it polled the body,
@@ -227,8 +235,10 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         let activity = &self.activity;
-        if let Some(relay) = self.relay.take() {
-            relay.stop_waiting();
+        if self.responding {
+            if let Some(relay) = self.relay.take() {
+                relay.stop_waiting();
+            }
             activity.sending.fetch_sub(1, Ordering::AcqRel);
         } else {
             // Dropped before a response was handed over: the peer abandoned the request.
@@ -456,7 +466,8 @@ mod tests {
     async fn a_response_the_downstream_stops_taking_closes_the_connection() {
         let activity = Activity::new();
         let mut response = activity.begin();
-        response.responding();
+        // Held whole in memory: nothing but the downstream can hold it up.
+        response.responding(true);
         response.sent(4096);
         let started = Instant::now();
         let closed = with_deadlines(
@@ -479,7 +490,7 @@ mod tests {
     async fn a_response_waiting_on_the_upstream_is_not_the_downstream_s_fault() {
         let activity = Activity::new();
         let mut response = activity.begin();
-        response.responding();
+        response.responding(false);
         response.waiting_upstream();
         let watch = with_deadlines(
             std::future::pending::<()>(),
@@ -519,7 +530,7 @@ mod tests {
         // A peer whose requests mostly finish keeps its connection.
         let activity = Activity::new();
         for _ in 0..300 {
-            activity.begin().responding();
+            activity.begin().responding(true);
         }
         for _ in 0..200 {
             drop(activity.begin());
@@ -531,7 +542,7 @@ mod tests {
     async fn a_slow_reader_is_cut_by_the_minimum_rate() {
         let activity = Activity::new();
         let mut response = activity.begin();
-        response.responding();
+        response.responding(false);
         let reader = async {
             // 100 bytes a second against a minimum of 1000.
             loop {

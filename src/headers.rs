@@ -192,24 +192,29 @@ pub fn add_forwarded(
     host: Option<HeaderValue>,
     untouchable: impl Fn(&HeaderName) -> bool,
 ) {
+    // A trusted proxy's chain, continued with this hop's element.
     let appended = |headers: &HeaderMap, name: &HeaderName, element: &[u8]| {
         let mut chain: Vec<u8> = Vec::new();
-        if peer.trusted {
-            for prior in headers.get_all(name) {
-                chain.extend_from_slice(prior.as_bytes());
-                chain.extend_from_slice(b", ");
-            }
+        for prior in headers.get_all(name) {
+            chain.extend_from_slice(prior.as_bytes());
+            chain.extend_from_slice(b", ");
         }
         chain.extend_from_slice(element);
         HeaderValue::from_bytes(&chain).ok()
     };
     if !untouchable(&X_FORWARDED_FOR) {
-        match appended(headers, &X_FORWARDED_FOR, peer.forwarded_for.as_bytes()) {
-            Some(value) => headers.insert(X_FORWARDED_FOR, value),
-            None => headers.insert(X_FORWARDED_FOR, peer.forwarded_for.clone()),
+        let value = match peer.trusted {
+            true => appended(headers, &X_FORWARDED_FOR, peer.forwarded_for.as_bytes()),
+            false => None,
         };
+        headers.insert(
+            X_FORWARDED_FOR,
+            value.unwrap_or_else(|| peer.forwarded_for.clone()),
+        );
     }
-    if !peer.trusted {
+    // Most requests carry none of the other forwarding headers: one look at each name costs
+    // less than a removal of each.
+    if !peer.trusted && headers.keys().any(|n| OTHER_FORWARDING.contains(n)) {
         for name in &OTHER_FORWARDING {
             if !untouchable(name) {
                 headers.remove(name);

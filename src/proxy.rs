@@ -173,7 +173,7 @@ impl Proxy {
         let rt = self.runtime();
         let request_id = self.ids.for_request(req.headers());
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        let uri = req.uri().clone();
         let version = req.version();
         let http1 = version < Version::HTTP_2;
         let progress = Progress::new();
@@ -273,7 +273,7 @@ impl Proxy {
         let exchange = Box::new(Exchange {
             started,
             method,
-            path,
+            uri,
             route: route.map(|r| r.template),
             decision: outcome.decision,
             rule: outcome.rule,
@@ -586,6 +586,9 @@ impl Proxy {
                 && (trusted || !crate::headers::is_forwarding(name))
         };
         strip_hop_by_hop(&mut parts.headers);
+        // Room for what is added below (Host, X-Request-Id, three forwarding headers, maybe
+        // Transfer-Encoding), so the map grows at most once, not at each insertion.
+        parts.headers.reserve(6);
         if !untouchable(&header::EXPECT) {
             // hyper already answered any `Expect: 100-continue` downstream when the body was
             // polled; the client sends the body at once, so the expectation must not go on.

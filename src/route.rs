@@ -52,6 +52,9 @@ pub struct Route {
     /// The path template as configured, interned: the route's label in logs and metrics.
     pub template: &'static str,
     pub methods: Vec<Method>,
+    /// `methods` as [`method_bit`]s, for the one test most requests get: is their method
+    /// policed at all?
+    method_bits: u16,
     segments: Vec<Segment>,
     pub body_root: String,
     pub name_fields: Vec<String>,
@@ -126,6 +129,7 @@ impl TryFrom<RouteSpec> for Route {
             .collect();
         Ok(Self {
             template: intern(&spec.path),
+            method_bits: methods.iter().fold(0, |bits, m| bits | method_bit(m)),
             methods,
             segments,
             body_root: spec.body_root,
@@ -233,7 +237,12 @@ pub fn classify<'a>(
     let loose_override = overrides
         .iter()
         .any(|o| !o.iter().all(|b| b.is_ascii_graphic()));
-    // Most traffic (GET, DELETE) is decided here, without looking at the path.
+    // Most traffic (GET, DELETE) is decided here, without looking at the path: by one bit per
+    // route when the method is a standard one, spelled as routes spell it.
+    let bit = method_bit(method);
+    if exact && bit != 0 && routes.iter().all(|r| r.method_bits & bit == 0) {
+        return Class::Passthrough;
+    }
     let candidates = || routes.iter().filter(|r| r.methods.iter().any(wanted));
     if !loose_override && candidates().next().is_none() {
         return Class::Passthrough;
@@ -286,6 +295,23 @@ pub fn classify<'a>(
         (None, Some((route, project_id))) => Class::Policed { route, project_id },
         (None, None) => Class::Passthrough,
     }
+}
+
+/// A bit for each standard method (uppercase, as routes store them); 0 for any other.
+fn method_bit(method: &Method) -> u16 {
+    let bit = match method.as_str() {
+        "GET" => 0,
+        "HEAD" => 1,
+        "POST" => 2,
+        "PUT" => 3,
+        "DELETE" => 4,
+        "PATCH" => 5,
+        "OPTIONS" => 6,
+        "CONNECT" => 7,
+        "TRACE" => 8,
+        _ => return 0,
+    };
+    1 << bit
 }
 
 /// The first route that any reading of `path` matches, whatever the method.
@@ -366,6 +392,15 @@ impl Facts {
             loose_bytes: false,
             backslash: false,
         };
+        // Nearly every path is plain: visible ASCII with no escape, parameter or backslash.
+        // Only dot segments are then left to find, without decoding anything.
+        if path.bytes().all(is_plain) {
+            facts.dot_segments = path
+                .as_bytes()
+                .split(|b| *b == b'/')
+                .any(|s| matches!(s, b"." | b".."));
+            return facts;
+        }
         for raw in path.split('/') {
             let decoded = percent_decode(raw.as_bytes());
             facts.encoded_separator |= decoded.iter().any(is_separator);
@@ -394,6 +429,12 @@ impl Facts {
             Ambiguity::LooseBytes
         }
     }
+}
+
+/// A byte that means the same to every reader of a path: visible ASCII, except `%` (an
+/// escape), `;` (a parameter to some) and `\` (a separator to some).
+fn is_plain(b: u8) -> bool {
+    b.is_ascii_graphic() && !matches!(b, b'%' | b';' | b'\\')
 }
 
 fn is_separator(b: &u8) -> bool {

@@ -40,6 +40,11 @@ impl Leased {
         Self { inner, lease: None }
     }
 
+    /// Whether the rest of the body is all in memory: it never waits for the upstream.
+    pub fn is_buffered(&self) -> bool {
+        self.inner.buffered().is_some()
+    }
+
     fn release_if_read(&mut self) {
         if self.inner.is_end_stream() {
             if let Some((lease, request)) = self.lease.take() {
@@ -92,6 +97,11 @@ impl Logged {
             inner,
             exchange: Some(exchange),
         }
+    }
+
+    /// Whether the rest of the body is all in memory: it never waits for the upstream.
+    pub fn is_buffered(&self) -> bool {
+        self.inner.is_buffered()
     }
 
     fn end(&mut self) {
@@ -155,7 +165,7 @@ impl Relayed {
     /// Counts the exchange as in flight on its connection until this body is dropped; it is a
     /// response being sent from now on.
     pub fn new(inner: Logged, mut in_flight: InFlight) -> Self {
-        in_flight.responding();
+        in_flight.responding(inner.is_buffered());
         Self { inner, in_flight }
     }
 }
