@@ -8,9 +8,11 @@
 //! arrays and objects inside one another pass. That is serde_json's fixed recursion limit (its
 //! 128th level is refused), which also keeps the stack bounded.
 //!
-//! [`members`] then reads one object level at a time, keeping every value as its raw text, so a
-//! normalized body re-uses the original bytes of every member it does not touch (numbers keep
-//! their exact spelling).
+//! [`police`] is that same strict reading, which also keeps the policed fields of the body's
+//! root member on the way: an allowed body is read once. [`members`] reads one object level at
+//! a time, keeping every value as its raw text, for the rarer work: a normalized body re-uses
+//! the original bytes of every member it does not touch (numbers keep their exact spelling),
+//! and an error quotes a value as it was written.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -46,11 +48,9 @@ impl<'de> Deserialize<'de> for Text<'de> {
     }
 }
 
-/// Checks that `text` is exactly one strict JSON value.
+/// Checks that `text` is exactly one strict JSON value: [`police`] looking for nothing.
 pub fn validate(text: &str) -> Result<(), serde_json::Error> {
-    let mut de = serde_json::Deserializer::from_str(text);
-    Strict::deserialize(&mut de)?;
-    de.end()
+    police(text, "", &|_| false).map(|_| ())
 }
 
 /// Any JSON value, visited whole, with duplicate keys refused.
@@ -133,6 +133,161 @@ impl<'a> Keys<'a> {
     }
 }
 
+/// A policed field's value, as [`police`] found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Field<'a> {
+    Text(Cow<'a, str>),
+    Null,
+    /// Any other type: the caller finds its raw text with [`members`] to say what it was.
+    Other,
+}
+
+/// The policed fields of a body's root member, in document order.
+pub type Fields<'a> = Vec<(Cow<'a, str>, Field<'a>)>;
+
+/// Reads `text` in one strict pass, as [`validate`] does (every error of [`validate`] is an
+/// error here), and keeps what the policy needs of it: the members of the root object's
+/// `root` member that `wanted` names, with their values. `Ok(None)` when the root is not an
+/// object, has no `root`, or its `root` is not an object.
+///
+/// [`validate`], then [`members`] of the root and of its `root`, then each field's value, read
+/// a policed body four times; this is the one read an allowed body needs. The others remain
+/// for what is rarer: saying what was wrong, and normalizing.
+pub fn police<'a>(
+    text: &'a str,
+    root: &str,
+    wanted: &dyn Fn(&str) -> bool,
+) -> Result<Option<Fields<'a>>, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let found = de::DeserializeSeed::deserialize(Level::Root { root, wanted }, &mut de)?;
+    de.end()?;
+    Ok(found)
+}
+
+/// Which object level [`police`] is reading.
+#[derive(Clone, Copy)]
+enum Level<'s> {
+    /// The document: its `root` member is read as [`Level::Fields`].
+    Root {
+        root: &'s str,
+        wanted: &'s dyn Fn(&str) -> bool,
+    },
+    /// The root member: the members `wanted` names are kept.
+    Fields { wanted: &'s dyn Fn(&str) -> bool },
+}
+
+impl<'de> de::DeserializeSeed<'de> for Level<'_> {
+    type Value = Option<Fields<'de>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+/// Any other type than an object is read strictly, as [`Strict`] reads it, and is not the shape
+/// the policy wants.
+impl<'de> Visitor<'de> for Level<'_> {
+    type Value = Option<Fields<'de>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        Strict.visit_seq(seq).map(|_| None)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut seen = Keys::Few(Vec::new());
+        let mut found = None;
+        let mut fields = Vec::new();
+        while let Some(key) = map.next_key::<Text<'de>>()? {
+            match self {
+                Level::Root { root, wanted } if key.0 == root => {
+                    found = map.next_value_seed(Level::Fields { wanted })?;
+                }
+                Level::Fields { wanted } if wanted(&key.0) => {
+                    let value = map.next_value_seed(FieldSeed)?;
+                    fields.push((key.0.clone(), value));
+                }
+                _ => {
+                    map.next_value::<Strict>()?;
+                }
+            }
+            if let Some(dup) = seen.insert(key) {
+                let shown = super::abbreviate(&dup.0);
+                return Err(de::Error::custom(format_args!("duplicate key {shown:?}")));
+            }
+        }
+        Ok(match self {
+            Level::Root { .. } => found,
+            Level::Fields { .. } => Some(fields),
+        })
+    }
+}
+
+/// Reads a policed field's value (strictly, whatever its type).
+struct FieldSeed;
+
+impl<'de> de::DeserializeSeed<'de> for FieldSeed {
+    type Value = Field<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldSeed {
+    type Value = Field<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Field<'de>, E> {
+        Ok(Field::Other)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Field<'de>, E> {
+        Ok(Field::Other)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Field<'de>, E> {
+        Ok(Field::Other)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Field<'de>, E> {
+        Ok(Field::Other)
+    }
+    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Field<'de>, E> {
+        Ok(Field::Text(Cow::Borrowed(s)))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Field<'de>, E> {
+        Ok(Field::Text(Cow::Owned(s.to_owned())))
+    }
+    fn visit_unit<E>(self) -> Result<Field<'de>, E> {
+        Ok(Field::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Field<'de>, A::Error> {
+        Strict.visit_seq(seq).map(|_| Field::Other)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Field<'de>, A::Error> {
+        Strict.visit_map(map).map(|_| Field::Other)
+    }
+}
+
 /// One object level: its members in document order, values as raw JSON text.
 pub type Members<'a> = Vec<(Cow<'a, str>, &'a RawValue)>;
 
@@ -160,14 +315,6 @@ pub fn members(text: &str) -> Option<Members<'_>> {
         }
     }
     serde_json::from_str::<Object<'_>>(text).ok().map(|o| o.0)
-}
-
-/// A member's value if it is a string (`Some(Some)`) or null (`Some(None)`); `None` for any
-/// other type.
-pub fn string_or_null(raw: &RawValue) -> Option<Option<Cow<'_, str>>> {
-    serde_json::from_str::<Option<Text<'_>>>(raw.get())
-        .ok()
-        .map(|v| v.map(|t| t.0))
 }
 
 /// Writes `{"k":raw,...}` for the given members, in order.
@@ -300,15 +447,32 @@ mod tests {
     }
 
     #[test]
-    fn string_or_null_decodes_escapes_and_refuses_other_types() {
-        let raw = |s: &str| RawValue::from_string(s.to_owned()).unwrap();
+    fn police_keeps_the_wanted_fields_of_the_root_member_in_order() {
+        let wanted = |k: &str| matches!(k, "name" | "display_name" | "description");
+        let text = r#"{"a":[1,{"name":"x"}],"snapshot":{"description":null,"force":true,
+            "name":"\u00e9t\u00e9","metadata":{"name":1},"display_name":5}}"#;
+        let fields = police(text, "snapshot", &wanted).unwrap().unwrap();
         assert_eq!(
-            string_or_null(&raw("\"\\u00e9\"")).unwrap().as_deref(),
-            Some("é")
+            fields,
+            [
+                (Cow::from("description"), Field::Null),
+                (Cow::from("name"), Field::Text(Cow::from("été"))),
+                (Cow::from("display_name"), Field::Other),
+            ]
         );
-        assert_eq!(string_or_null(&raw("null")).unwrap(), None);
-        for other in ["5", "true", "[]", "{}", "1.5"] {
-            assert!(string_or_null(&raw(other)).is_none(), "{other}");
+        // Not the shape wanted: no root object, no such member, or a member that is no object.
+        for shape in ["[]", "1", "{}", r#"{"snapshot":[]}"#, r#"{"snapshot":"x"}"#] {
+            assert_eq!(police(shape, "snapshot", &wanted).unwrap(), None, "{shape}");
+        }
+        // Strict at every level, the policed ones included.
+        for bad in [
+            r#"{"snapshot":{"name":"a","name":"b"}}"#,
+            r#"{"snapshot":{},"snapshot":{}}"#,
+            r#"{"snapshot":{"name":{"k":1,"k":2}}}"#,
+            r#"{"snapshot":{"name":"\ud800"}}"#,
+            r#"{"snapshot":{"name":"a"}} x"#,
+        ] {
+            assert!(police(bad, "snapshot", &wanted).is_err(), "{bad}");
         }
     }
 

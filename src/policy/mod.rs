@@ -302,17 +302,13 @@ pub fn check_body(
     }
     let text =
         std::str::from_utf8(body).map_err(|e| Violation::Malformed(format!("not UTF-8: {e}")))?;
-    json::validate(text).map_err(|e| Violation::Malformed(e.to_string()))?;
-    let root = &route.body_root;
-    let members = json::members(text).ok_or_else(|| Violation::MissingRoot(root.clone()))?;
-    let (_, raw) = members
-        .iter()
-        .find(|(k, _)| k == root)
-        .ok_or_else(|| Violation::MissingRoot(root.clone()))?;
-    let fields = json::members(raw.get()).ok_or_else(|| Violation::RootNotObject {
-        root: root.clone(),
-        raw: raw.get().to_owned(),
-    })?;
+    let policed = |key: &str| {
+        route.name_fields.iter().any(|f| f == key)
+            || route.description_fields.iter().any(|f| f == key)
+    };
+    let fields = json::police(text, &route.body_root, &policed)
+        .map_err(|e| Violation::Malformed(e.to_string()))?
+        .ok_or_else(|| shape_violation(route, text))?;
 
     let exempt = policy
         .reserved_prefix_exempt_projects
@@ -323,28 +319,30 @@ pub fn check_body(
         .filter(|r| r.applies(route, target.project))
         .collect();
     let mut exempted = None;
-    for (key, raw) in &fields {
+    for (key, value) in &fields {
         let is_name = route.name_fields.iter().any(|f| f == key);
-        if !is_name && !route.description_fields.iter().any(|f| f == key) {
-            continue;
-        }
-        let value = json::string_or_null(raw).ok_or_else(|| Violation::FieldType {
-            field: key.to_string(),
-            raw: raw.get().to_owned(),
-        })?;
-        let Some(value) = value else { continue };
+        let value = match value {
+            json::Field::Text(value) => value,
+            json::Field::Null => continue,
+            json::Field::Other => {
+                return Err(Violation::FieldType {
+                    field: key.to_string(),
+                    raw: raw_field(route, text, key),
+                })
+            }
+        };
         if value.len() > policy.max_field_bytes {
             return Err(Violation::TooLong {
                 field: key.to_string(),
                 bytes: value.len(),
-                value: value.into_owned(),
+                value: value.to_string(),
                 max: policy.max_field_bytes,
             });
         }
         let reserved = is_name
             .then(|| {
                 reserved_prefix(
-                    &value,
+                    value,
                     &policy.reserved_prefixes,
                     policy.case_insensitive_prefixes,
                 )
@@ -363,12 +361,12 @@ pub fn check_body(
         }
         if let Some(rule) = rules
             .iter()
-            .find(|r| r.covers(route, key) && !r.allows(&value))
+            .find(|r| r.covers(route, key) && !r.allows(value))
         {
             return Err(Violation::Rule {
                 rule: rule.name.clone(),
                 field: key.to_string(),
-                value: value.into_owned(),
+                value: value.to_string(),
                 message: rule.message().to_owned(),
             });
         }
@@ -378,17 +376,58 @@ pub fn check_body(
         .renames
         .iter()
         .any(|(legacy, _)| fields.iter().any(|(k, _)| k == legacy));
-    let body = if may_normalize && legacy_present {
-        Verdict::Normalized(normalize(route, &members, &fields))
-    } else {
-        Verdict::Unchanged
+    let body = match may_normalize && legacy_present {
+        true => normalize(route, text).map_or(Verdict::Unchanged, Verdict::Normalized),
+        false => Verdict::Unchanged,
     };
     Ok(Allowed { body, exempted })
 }
 
+/// The root object and its `body_root` member, each as members with their raw text: for the
+/// rarer work of saying what is wrong with a body, or normalizing it. `Err` says why they are
+/// not there. The body has passed [`json::police`].
+fn root_members<'t>(
+    route: &Route,
+    text: &'t str,
+) -> Result<(json::Members<'t>, json::Members<'t>), Violation> {
+    let root = &route.body_root;
+    let members = json::members(text).ok_or_else(|| Violation::MissingRoot(root.clone()))?;
+    let (_, raw) = members
+        .iter()
+        .find(|(k, _)| k == root)
+        .ok_or_else(|| Violation::MissingRoot(root.clone()))?;
+    let fields = json::members(raw.get()).ok_or_else(|| Violation::RootNotObject {
+        root: root.clone(),
+        raw: raw.get().to_owned(),
+    })?;
+    Ok((members, fields))
+}
+
+/// Why a body that [`json::police`] found no fields in has not the shape the route wants.
+fn shape_violation(route: &Route, text: &str) -> Violation {
+    match root_members(route, text) {
+        Err(v) => v,
+        // Not reached: what `police` finds no root object in, neither does this.
+        Ok(_) => Violation::MissingRoot(route.body_root.clone()),
+    }
+}
+
+/// The raw text of the policed field `key`, to quote a value of the wrong type.
+fn raw_field(route: &Route, text: &str, key: &str) -> String {
+    root_members(route, text)
+        .ok()
+        .and_then(|(_, fields)| {
+            let (_, raw) = fields.into_iter().find(|(k, _)| k == key)?;
+            Some(raw.get().to_owned())
+        })
+        .unwrap_or_default()
+}
+
 /// Re-serializes the body with `display_X` renamed to `X` (or dropped when `X` is present too),
-/// every other member in its original order and with its original raw text.
-fn normalize(route: &Route, members: &json::Members<'_>, fields: &json::Members<'_>) -> Vec<u8> {
+/// every other member in its original order and with its original raw text. `None` only if
+/// the body has not the shape [`json::police`] found in it.
+fn normalize(route: &Route, text: &str) -> Option<Vec<u8>> {
+    let (members, fields) = root_members(route, text).ok()?;
     let mut snapshot =
         Vec::with_capacity(members.iter().map(|(_, v)| v.get().len()).sum::<usize>() + 16);
     let kept = fields.iter().filter_map(|(key, raw)| {
@@ -410,7 +449,7 @@ fn normalize(route: &Route, members: &json::Members<'_>, fields: &json::Members<
         (key.as_ref(), raw)
     });
     json::write_object(&mut out, root);
-    out
+    Some(out)
 }
 
 #[cfg(test)]
