@@ -259,7 +259,11 @@ pub fn classify<'a>(
     let facts = Facts::of(path);
     // As the upstream most likely reads it; failing that, without resolving dot segments, as
     // a router that takes `..` for a project id would.
-    let mut policed = find(&read(path, Reading::ONCE));
+    let once = match facts.plain {
+        true => read_plain(path),
+        false => read(path, Reading::ONCE),
+    };
+    let mut policed = find(&once);
     if policed.is_none() && facts.dot_segments {
         policed = find(&read(path, Reading::ONCE_KEEP_DOTS));
     }
@@ -380,6 +384,8 @@ struct Facts {
     loose_bytes: bool,
     /// A `\`, raw or encoded: a separator to some servers, data to Cinder.
     backslash: bool,
+    /// Nothing but [`is_plain`] bytes: only dot segments can make readings differ.
+    plain: bool,
 }
 
 impl Facts {
@@ -391,10 +397,11 @@ impl Facts {
             semicolons: false,
             loose_bytes: false,
             backslash: false,
+            plain: path.bytes().all(is_plain),
         };
         // Nearly every path is plain: visible ASCII with no escape, parameter or backslash.
         // Only dot segments are then left to find, without decoding anything.
-        if path.bytes().all(is_plain) {
+        if facts.plain {
             facts.dot_segments = path
                 .as_bytes()
                 .split(|b| *b == b'/')
@@ -603,6 +610,21 @@ fn read(path: &str, how: Reading) -> Vec<Cow<'_, [u8]>> {
     out
 }
 
+/// [`Reading::ONCE`] of a plain path ([`Facts::plain`]), which has nothing to decode or cut.
+fn read_plain(path: &str) -> Vec<Cow<'_, [u8]>> {
+    let mut out = Vec::with_capacity(8);
+    for segment in path.as_bytes().split(|b| *b == b'/') {
+        match segment {
+            b"" | b"." => {}
+            b".." => {
+                out.pop();
+            }
+            segment => out.push(Cow::Borrowed(segment)),
+        }
+    }
+    out
+}
+
 fn push_segment<'p>(out: &mut Vec<Cow<'p, [u8]>>, segment: Cow<'p, [u8]>, how: Reading) {
     let end = segment
         .iter()
@@ -712,6 +734,26 @@ mod tests {
     }
 
     const UPDATE: &str = "/v3/{project_id}/snapshots/{snapshot_id}";
+
+    #[test]
+    fn a_plain_path_is_read_as_the_general_reading_reads_it() {
+        for path in [
+            "/",
+            "/v3/p1/snapshots/s1",
+            "//v3//p1/snapshots/s1/",
+            "/v3/p1/x/../snapshots/./s1",
+            "/../../v3/p1/snapshots/s1",
+            "/v3/p1/snapshots/s1/..",
+            "/V3/p-1/Snapshots/{s1}",
+        ] {
+            let facts = Facts::of(path);
+            assert!(facts.plain, "{path}");
+            assert_eq!(read_plain(path), read(path, Reading::ONCE), "{path}");
+        }
+        for not_plain in ["/v3/p%31", "/v3/p;x", "/v3\\p", "/v3/p 1", "/v3/\u{e9}"] {
+            assert!(!Facts::of(not_plain).plain, "{not_plain}");
+        }
+    }
 
     #[test]
     fn the_default_table_has_every_route() {

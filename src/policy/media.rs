@@ -21,6 +21,10 @@ pub fn check_content_type<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Res
     if values.next().is_some() {
         return refuse();
     }
+    // What nearly every client sends, decided without parsing.
+    if value.eq_ignore_ascii_case(b"application/json") {
+        return Ok(());
+    }
     let Ok(text) = std::str::from_utf8(value) else {
         return refuse();
     };
