@@ -211,15 +211,20 @@ impl Proxy {
                     Err(e) => Outcome::refused(e),
                 }
             }
+            // The policed arms are boxed: the future of every request, passthrough included,
+            // would otherwise hold room for all of them at once (about 5 KiB per connection).
             Head::Violation { violation, .. } => {
                 let (parts, body) = req.into_parts();
-                match self.authenticate_first(&cx, &parts, body, pace).await {
-                    Ok(body) => self.violation(&cx, violation, parts, body).await,
-                    Err(e) => Outcome::refused(e),
-                }
+                Box::pin(async {
+                    match self.authenticate_first(&cx, &parts, body, pace).await {
+                        Ok(body) => self.violation(&cx, violation, parts, body).await,
+                        Err(e) => Outcome::refused(e),
+                    }
+                })
+                .await
             }
             Head::Police { route, project } => {
-                self.police(&cx, req, route, project.as_deref()).await
+                Box::pin(self.police(&cx, req, route, project.as_deref())).await
             }
         };
 
