@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{HeaderValue, Method, Uri};
+use http::{HeaderValue, Method};
 
 use crate::body::Progress;
 use crate::metrics::{method_label, Metrics, RequestLabels};
@@ -46,9 +46,10 @@ impl Decision {
 pub struct Exchange {
     pub started: Instant,
     pub method: Method,
-    /// The request target; only its path is logged, never the query (which may carry tokens).
-    /// Kept whole because cloning it shares its bytes, where a path of its own would be copied.
-    pub uri: Uri,
+    /// The request path, without the query (which may carry tokens). A copy: the request's
+    /// own `Uri` shares the buffer its whole head was read into (8 KiB), which the record
+    /// would keep for as long as the response is being sent.
+    pub path: String,
     pub route: Option<&'static str>,
     pub decision: Decision,
     /// The policy rule violated, if any.
@@ -86,7 +87,7 @@ impl Exchange {
         tracing::info!(
             target: "snapguard::access",
             method = %self.method,
-            path = %self.uri.path(),
+            path = %self.path,
             status = self.status,
             route = %route,
             decision = self.decision.as_str(),

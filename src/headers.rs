@@ -297,7 +297,9 @@ impl RequestIds {
             (1..=200).contains(&b.len()) && b.iter().all(|c| c.is_ascii_graphic())
         });
         match theirs {
-            Some(id) => id.clone(),
+            // Copied, not shared: a shared value would keep the buffer the request's whole
+            // head was read into (8 KiB) for as long as the exchange's record lives.
+            Some(id) => HeaderValue::from_bytes(id.as_bytes()).unwrap_or_else(|_| id.clone()),
             None => {
                 let n = self.next.fetch_add(1, Ordering::Relaxed);
                 let digits = (16 - n.leading_zeros() as usize / 4).max(8);

@@ -173,7 +173,7 @@ impl Proxy {
         let rt = self.runtime();
         let request_id = self.ids.for_request(req.headers());
         let method = req.method().clone();
-        let uri = req.uri().clone();
+        let path = req.uri().path().to_owned();
         let version = req.version();
         let http1 = version < Version::HTTP_2;
         let progress = Progress::new();
@@ -278,7 +278,7 @@ impl Proxy {
         let exchange = Box::new(Exchange {
             started,
             method,
-            uri,
+            path,
             route: route.map(|r| r.template),
             decision: outcome.decision,
             rule: outcome.rule,
