@@ -3,7 +3,9 @@
 //! hyper-util's protocol detection waits without limit for a connection's first bytes, and hyper
 //! keeps an HTTP/2 connection with no streams open for ever: either would let silent peers hold
 //! every connection slot. [`with_deadlines`] closes a connection whose first request has not
-//! started within `first`, or that has had no request in flight for `idle`. And hyper polls a
+//! started within `first`, or that has had no request in flight for `idle` (HTTP/2) or `first`
+//! (HTTP/1, which is then waiting for a request head: the header read timeout, kept here rather
+//! than by hyper, whose own costs a boxed timer per request). And hyper polls a
 //! response body only when the downstream takes what was written, so a peer that stops reading
 //! (or an HTTP/2 stream whose window stays at 0) would hold its exchange for ever: the
 //! connection is also closed when its responses stop moving at the [`Pace`] of
@@ -46,6 +48,8 @@ pub struct Activity {
     reset: AtomicBool,
     /// Requests abandoned before their response (HTTP/2 streams reset by the peer).
     abandoned: AtomicU64,
+    /// Set once a request came over HTTP/2.
+    http2: AtomicBool,
 }
 
 /// Abandoned requests a connection may have before it is cut, if they are also most of its
@@ -68,6 +72,7 @@ impl Activity {
             abandoning: Notify::new(),
             reset: AtomicBool::new(false),
             abandoned: AtomicU64::new(0),
+            http2: AtomicBool::new(false),
         })
     }
 
@@ -80,6 +85,12 @@ impl Activity {
             responding: false,
             relay: None,
         }
+    }
+
+    /// The connection speaks HTTP/2: with no request in flight it is idle, not waiting for a
+    /// request head.
+    pub fn speaks_http2(&self) {
+        self.http2.store(true, Ordering::Relaxed);
     }
 
     /// Whether the peer abandons more requests than it lets finish, past the budget.
@@ -339,7 +350,8 @@ impl Closed {
 }
 
 /// Drives `conn` to its end, unless it sits idle past a deadline: `first` until its first
-/// request starts, `idle` afterwards; or its responses stop keeping `pace` on the downstream's
+/// request starts, and between requests on HTTP/1 (the next request head must come within it);
+/// `idle` between requests on HTTP/2; or its responses stop keeping `pace` on the downstream's
 /// side.
 pub async fn with_deadlines<F: Future>(
     conn: F,
@@ -350,17 +362,23 @@ pub async fn with_deadlines<F: Future>(
 ) -> Result<F::Output, Closed> {
     tokio::pin!(conn);
     let limit = || {
-        if activity.started.load(Ordering::Relaxed) == 0 {
-            first
-        } else {
+        if activity.http2.load(Ordering::Relaxed) {
             idle
+        } else {
+            first
         }
     };
     // The watch looks at least this often, so that a response that started being sent is
     // checked before its pace could first be broken (after the grace period, or after
     // `pace.idle` standing still), without being woken for every response: a wake-up every few
     // seconds per connection instead of one per request.
-    let look = pace.idle.min(pace.grace).max(Duration::from_secs(1));
+    // And at least every `first`, so that a connection that went idle since the last look is
+    // closed `first` after it did, not up to a look later.
+    let look = pace
+        .idle
+        .min(pace.grace)
+        .min(first)
+        .max(Duration::from_secs(1));
     loop {
         let next_look = Instant::now() + look;
         let mut deadline = activity
@@ -419,27 +437,57 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_request_in_flight_keeps_the_connection_and_idle_counts_from_its_end() {
+        // HTTP/2 waits `idle` (5 s) for its next request; HTTP/1 waits for a request head,
+        // within `first` (1 s).
+        for (http2, closed_at) in [(true, 35), (false, 31)] {
+            let activity = Activity::new();
+            if http2 {
+                activity.speaks_http2();
+            }
+            let request = activity.begin();
+            let started = Instant::now();
+            let watch = with_deadlines(
+                std::future::pending::<()>(),
+                &activity,
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                PACE,
+            );
+            let end = async {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop(request);
+            };
+            let (closed, ()) = tokio::join!(watch, end);
+            assert_eq!(closed, Err(Closed::Idle));
+            assert_eq!(
+                started.elapsed().as_secs(),
+                closed_at,
+                "30 s in flight, then idle (HTTP/2: {http2})"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http1_connection_idle_since_the_last_look_is_closed_on_time() {
+        // Looks every 10 s at most (the pace's grace); a request ending 2 s into a look must
+        // still close the connection `first` (3 s) after it ended, not at the next look.
         let activity = Activity::new();
         let request = activity.begin();
         let started = Instant::now();
         let watch = with_deadlines(
             std::future::pending::<()>(),
             &activity,
-            Duration::from_secs(1),
-            Duration::from_secs(5),
+            Duration::from_secs(3),
+            Duration::from_secs(60),
             PACE,
         );
         let end = async {
-            tokio::time::sleep(Duration::from_secs(30)).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
             drop(request);
         };
         let (closed, ()) = tokio::join!(watch, end);
         assert_eq!(closed, Err(Closed::Idle));
-        assert_eq!(
-            started.elapsed().as_secs(),
-            35,
-            "30 s in flight, then 5 s idle"
-        );
+        assert_eq!(started.elapsed().as_secs(), 5);
     }
 
     #[tokio::test(start_paused = true)]

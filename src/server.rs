@@ -339,7 +339,10 @@ impl Connection {
         let who = Arc::new(who);
         let svc = {
             let (proxy, activity) = (self.proxy.clone(), activity.clone());
-            service_fn(move |req| {
+            service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                if req.version() == http::Version::HTTP_2 {
+                    activity.speaks_http2();
+                }
                 let (proxy, in_flight, who) = (proxy.clone(), activity.begin(), who.clone());
                 async move {
                     let response = proxy.handle(req, &who).await;
@@ -398,10 +401,10 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        // hyper runs this timer whenever it waits for a request head, so it also closes
-        // keep-alive connections idle for that long. It starts only once hyper-util has told
-        // HTTP/1 from HTTP/2; `conn::with_deadlines` bounds the time before that.
-        .header_read_timeout(config.timeouts.request_header)
+        // `conn::with_deadlines` closes an HTTP/1 connection that waits for a request head
+        // longer than `request_header` (which also bounds keep-alive idleness): hyper's own
+        // timer for it costs a boxed sleep per request.
+        .header_read_timeout(None)
         .max_buf_size(config.limits.max_header_bytes);
     builder
         .http2()
