@@ -239,7 +239,8 @@ pub struct Timeouts {
     /// Idle pooled upstream connections are closed after this.
     #[serde(deserialize_with = "duration")]
     pub upstream_idle: Duration,
-    /// A downstream connection with no request in flight for this long is closed.
+    /// An HTTP/2 downstream connection with no request in flight for this long is closed (an
+    /// HTTP/1 one is waiting for a request head: `request_header`).
     #[serde(deserialize_with = "duration")]
     pub idle: Duration,
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish.

@@ -2,7 +2,7 @@
 //!
 //! | phase | bound | when it is broken |
 //! |---|---|---|
-//! | first request head of a connection | `timeouts.request_header` ([`crate::conn`]) | connection closed |
+//! | a request head: a connection's first, and each next one on HTTP/1 | `timeouts.request_header` ([`crate::conn`]) | connection closed |
 //! | a small request body (up to `limits.buffer_request_body`, and every policed one), read whole before an upstream slot is taken | `timeouts.request_body` | 408, connection closed |
 //! | waiting for an upstream slot, first come first served | `timeouts.upstream_queue`, at most `limits.max_upstream_waiting` waiting | 503 |
 //! | connecting upstream | `timeouts.upstream_connect` | 502 |
@@ -11,7 +11,7 @@
 //! | a streamed body, either way | [`Watched`]: `timeouts.body_idle` between frames, `limits.min_body_rate` on average after `timeouts.min_rate_grace` | the exchange is cut |
 //! | a request body's framing, buffered or streamed | [`crate::gather`]: past 1,024 frames, 32 bytes a frame on average | 400, connection closed |
 //! | a response the downstream does not take | the same, watched per connection ([`crate::conn`]) | connection closed |
-//! | a connection with no request in flight | `timeouts.idle` ([`crate::conn`]) | connection closed |
+//! | an HTTP/2 connection with no request in flight | `timeouts.idle` ([`crate::conn`]) | connection closed |
 //!
 //! Buffering the small bodies is what keeps a slow peer from holding anything but its own
 //! connection: the upstream slot is taken only once the request is in memory, and given back as
