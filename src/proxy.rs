@@ -591,9 +591,6 @@ impl Proxy {
                 && (trusted || !crate::headers::is_forwarding(name))
         };
         strip_hop_by_hop(&mut parts.headers);
-        // Room for what is added below (Host, X-Request-Id, three forwarding headers, maybe
-        // Transfer-Encoding), so the map grows at most once, not at each insertion.
-        parts.headers.reserve(6);
         if !untouchable(&header::EXPECT) {
             // hyper already answered any `Expect: 100-continue` downstream when the body was
             // polled; the client sends the body at once, so the expectation must not go on.
