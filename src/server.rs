@@ -8,6 +8,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +16,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -144,7 +144,7 @@ impl Server {
             .clone()
             .map(|t| tokio::spawn(reload_tls_every(t, metrics.clone())));
 
-        let graceful = GracefulShutdown::new();
+        let drain = conn::Drain::new();
         let mut runtime = proxy.runtime();
         let mut builder = connection_builder(&runtime.config);
         tokio::pin!(shutdown);
@@ -206,7 +206,7 @@ impl Server {
             let conn = Connection {
                 proxy: proxy.clone(),
                 builder: builder.clone(),
-                watcher: graceful.watcher(),
+                watcher: drain.watcher(),
                 metrics: metrics.clone(),
                 first: timeouts.request_header,
                 idle: timeouts.idle,
@@ -260,14 +260,11 @@ impl Server {
         // The grace period in force now, reloads included.
         let grace = proxy.runtime().config.timeouts.shutdown_grace;
         tracing::info!(
-            connections = graceful.count(),
+            connections = drain.count(),
             grace = %humantime::format_duration(grace),
             "draining"
         );
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, drain.drain()).await.is_err() {
             tracing::warn!(
                 grace = %humantime::format_duration(grace),
                 "grace period over; closing the remaining connections"
@@ -323,7 +320,7 @@ pub async fn reload_tls(terminator: &Arc<Terminator>, metrics: &Metrics) {
 struct Connection {
     proxy: Arc<Proxy>,
     builder: auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    watcher: conn::DrainWatch,
     metrics: Arc<Metrics>,
     first: Duration,
     idle: Duration,
@@ -350,12 +347,21 @@ impl Connection {
                 }
             })
         };
-        let conn = self.watcher.watch(
-            self.builder
-                .serve_connection(TokioIo::new(io), svc)
-                .into_owned(),
+        let conn = self
+            .builder
+            .serve_connection(TokioIo::new(io), svc)
+            .into_owned();
+        let graceful = |conn: Pin<&mut _>| auto::Connection::graceful_shutdown(conn);
+        let watched = conn::with_deadlines(
+            conn,
+            &activity,
+            &self.watcher,
+            graceful,
+            self.first,
+            self.idle,
+            self.pace,
         );
-        match conn::with_deadlines(conn, &activity, self.first, self.idle, self.pace).await {
+        match watched.await {
             Ok(Err(e)) => tracing::debug!(error = %e, %peer, "connection ended with an error"),
             Ok(Ok(())) => {}
             Err(Closed::Idle) => tracing::debug!(%peer, "idle connection closed"),
