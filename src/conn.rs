@@ -425,7 +425,8 @@ impl Drop for DrainWatch {
 ///
 /// Hand-polled rather than a `select!`: the connection's task wakes a few times a request, and
 /// each of the deadline timer, the abandon signal and the drain signal is polled only to be
-/// registered (once) or when it may have fired, not at every wake-up.
+/// registered (once) or when it may have fired, not at every wake-up. The deadlines are looked
+/// at before the connection is polled, as a `select!` might have.
 pub async fn with_deadlines<F: Future>(
     conn: F,
     activity: &Activity,
@@ -470,6 +471,30 @@ pub async fn with_deadlines<F: Future>(
     tokio::pin!(timer, abandoning, draining);
     let (mut armed, mut drain_armed, mut abandon_armed, mut drained) = (false, false, false, false);
     std::future::poll_fn(|cx| {
+        // The timer is polled to register it and once it has fired, not at every wake-up;
+        // first, while the task's cooperative budget is whole: a poll refused for want of
+        // budget registers nothing, and is made again at the next wake-up.
+        while !armed || timer.is_elapsed() {
+            if armed {
+                if activity
+                    .idle_since()
+                    .is_some_and(|t| t + limit() <= Instant::now())
+                {
+                    return Poll::Ready(Err(Closed::Idle));
+                }
+                if let Some((Err(stall), _)) = activity.sending_pace(&pace) {
+                    // Reset rather than closed: what the peer did not read is dropped at once
+                    // instead of waiting in the kernel for it.
+                    activity.reset.store(true, Ordering::Release);
+                    return Poll::Ready(Err(Closed::Sending(stall)));
+                }
+                timer.as_mut().reset(next_deadline());
+            }
+            armed = tokio::task::coop::has_budget_remaining();
+            if timer.as_mut().poll(cx).is_pending() {
+                break;
+            }
+        }
         // Draining is terminal: one registration for it is enough, then the flag says.
         if !drain_armed {
             drain_armed = true;
@@ -495,28 +520,6 @@ pub async fn with_deadlines<F: Future>(
         if activity.abandons_too_many() {
             activity.reset.store(true, Ordering::Release);
             return Poll::Ready(Err(Closed::Abandoning));
-        }
-        // The timer is polled to register it and once it has fired, not at every wake-up.
-        while !armed || timer.is_elapsed() {
-            if armed {
-                if activity
-                    .idle_since()
-                    .is_some_and(|t| t + limit() <= Instant::now())
-                {
-                    return Poll::Ready(Err(Closed::Idle));
-                }
-                if let Some((Err(stall), _)) = activity.sending_pace(&pace) {
-                    // Reset rather than closed: what the peer did not read is dropped at once
-                    // instead of waiting in the kernel for it.
-                    activity.reset.store(true, Ordering::Release);
-                    return Poll::Ready(Err(Closed::Sending(stall)));
-                }
-                timer.as_mut().reset(next_deadline());
-            }
-            armed = true;
-            if timer.as_mut().poll(cx).is_pending() {
-                break;
-            }
         }
         Poll::Pending
     })
