@@ -243,7 +243,12 @@ pub fn classify<'a>(
     if exact && bit != 0 && routes.iter().all(|r| r.method_bits & bit == 0) {
         return Class::Passthrough;
     }
-    let candidates = || routes.iter().filter(|r| r.methods.iter().any(wanted));
+    let candidates = || {
+        routes.iter().filter(move |r| match exact && bit != 0 {
+            true => r.method_bits & bit != 0,
+            false => r.methods.iter().any(wanted),
+        })
+    };
     if !loose_override && candidates().next().is_none() {
         return Class::Passthrough;
     }
