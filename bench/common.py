@@ -1,6 +1,7 @@
-"""What the attack benchmarks (bench/attacks.py, bench/abuse.py) share: processes pinned to a CPU
-and stopped by PID, ports, a plain GET, nginx and the HTTP/2 client's virtualenv installed when
-missing, cargo builds that wait out a tree being edited, and the tree's commit."""
+"""What the benchmarks share (bench/run.py, and through it bench/instructions.py and bench/tls.py;
+bench/attacks.py, bench/abuse.py): processes pinned to a CPU and stopped by PID, ports, a plain
+GET, nginx and the HTTP/2 client's virtualenv installed when missing, cargo builds that wait out
+a tree being edited, and the tree's commit."""
 
 import ctypes
 import math

@@ -17,16 +17,16 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Proc, ROOT, ensure_nginx, free_port, log, wait_port  # noqa: E402
+
 RELEASE = os.path.join(ROOT, "target", "release")
-TICKS = os.sysconf("SC_CLK_TCK")
 
 BODY_ALLOWED = '{"snapshot":{"name":"snap-001","description":"Daily backup of the orders db"}}'
 BODY_REJECTED = '{"snapshot":{"name":"autobk_snapshot_x","description":"Daily backup"}}'
@@ -43,17 +43,12 @@ SCENARIOS = {
 TARGETS = ["direct", "nginx", "snapguard"]
 
 
-def log(*args):
-    print(*args, file=sys.stderr, flush=True)
-
-
 def ensure_tools():
-    missing = [pkg for tool, pkg in (("wrk", "wrk"), ("nginx", "nginx-light")) if not shutil.which(tool)
-               and not os.path.exists(f"/usr/sbin/{tool}")]
-    if missing:
-        log("installing", *missing)
+    ensure_nginx()
+    if not shutil.which("wrk"):
+        log("installing wrk")
         subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "wrk"],
                        check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
                        stdout=subprocess.DEVNULL)
 
@@ -66,52 +61,6 @@ def build():
     subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "snapguard"], cwd=ROOT, check=True)
     subprocess.run(["cargo", "build", "--release", "--locked", "--example", "bench_upstream",
                     "--example", "open_loop"], cwd=ROOT, check=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, timeout=10.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-class Proc:
-    """A process pinned to one CPU, stopped by PID."""
-
-    def __init__(self, cmd, cpu, env=None):
-        self.p = subprocess.Popen(["taskset", "-c", str(cpu), *cmd], env={**os.environ, **(env or {})},
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def cpu_seconds(self):
-        with open(f"/proc/{self.p.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS
-
-    def status_kb(self, key):
-        with open(f"/proc/{self.p.pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-        return 0
-
-    def stop(self):
-        if self.p.poll() is None:
-            self.p.terminate()
-            try:
-                self.p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
 
 
 def start_snapguard(upstream_port, tmp):
