@@ -538,6 +538,41 @@ async fn silent_and_idle_connections_are_closed_so_they_cannot_hold_every_slot()
 }
 
 #[tokio::test]
+async fn an_http2_connection_between_requests_waits_idle_not_the_header_timeout() {
+    // HTTP/1 waits for its next request head within request_header; an HTTP/2 connection
+    // with no stream open is idle, and has `idle`.
+    let (_upstream, proxy) = support::pair(
+        Reply::Ok,
+        "[timeouts]\nrequest_header = \"300ms\"\nidle = \"3s\"\n",
+    )
+    .await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, String>(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let get = || {
+        http::Request::get(proxy.url("/v3/p1/volumes"))
+            .body(String::new())
+            .unwrap()
+    };
+    let first = sender.send_request(get()).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    drop(first);
+    // Four header timeouts later, the same connection still serves.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let second = sender.send_request(get()).await.expect("still open");
+    assert_eq!(second.status(), StatusCode::OK);
+    drop(second);
+    // And it is closed once idle for `idle` (looked at every second).
+    let closed = tokio::time::timeout(Duration::from_secs(6), conn).await;
+    assert!(closed.is_ok(), "closed after being idle");
+}
+
+#[tokio::test]
 async fn a_long_response_is_not_cut_by_the_idle_timeout() {
     let (_upstream, proxy) = support::pair(
         Reply::Slow(Duration::from_millis(1200)),
