@@ -1,6 +1,7 @@
 //! The access record of one exchange: written to the access log and to the metrics when the
-//! exchange ends ([`Exchange::finish`], called by [`crate::body::Logged`] once the response
-//! body has been sent, or abandoned), so its byte counts and duration are whole.
+//! exchange ends ([`Exchange::finish`], called by [`crate::body::Logged`] with how it ended:
+//! the response sent to its end, broken off on the upstream's side, or abandoned by the
+//! downstream), so its byte counts, duration and outcome are whole.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -41,6 +42,19 @@ impl Decision {
     }
 }
 
+/// How an exchange ended, once its response head was on its way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The response was handed on to its end.
+    Complete,
+    /// The downstream stopped taking the response before its end (it went away, reset its
+    /// stream, or its connection was cut).
+    Abandoned,
+    /// The response body broke off on the upstream's side: stalled past its pace (the
+    /// [`crate::lifetime::Stall`]'s reason) or broken (`reset`).
+    Upstream(&'static str),
+}
+
 /// One request's record, filled in on the way; [`Exchange::finish`] writes it.
 #[derive(Debug)]
 pub struct Exchange {
@@ -71,10 +85,30 @@ pub struct Exchange {
 }
 
 impl Exchange {
-    /// The end of the exchange: one access line, and the request counted.
-    pub fn finish(self: Box<Self>) {
+    /// The end of the exchange: one access line, the request counted, and a body that broke
+    /// off counted once, as the peer's cut (the request body stalled, which also breaks the
+    /// response) or as the upstream's error.
+    pub fn finish(mut self: Box<Self>, end: End) {
         let duration = self.started.elapsed();
         let route = self.route.unwrap_or("none");
+        let end = match (self.bytes_in.broke(), end) {
+            (Some(Some(stall)), _) => {
+                self.metrics.cut(stall.reason());
+                self.error.get_or_insert(stall.reason());
+                "request_cut"
+            }
+            (Some(None), _) => {
+                self.error.get_or_insert("downstream_body");
+                "request_broke"
+            }
+            (None, End::Upstream(kind)) => {
+                self.metrics.upstream_error(kind);
+                self.error.get_or_insert(kind);
+                "upstream_broke"
+            }
+            (None, End::Abandoned) => "abandoned",
+            (None, End::Complete) => "complete",
+        };
         self.metrics.request(
             RequestLabels {
                 route,
@@ -93,6 +127,7 @@ impl Exchange {
             decision = self.decision.as_str(),
             rule = self.rule.as_deref().unwrap_or("-"),
             error = self.error.unwrap_or("-"),
+            end,
             bytes_in = self.bytes_in.received(),
             bytes_out = self.bytes_out,
             duration_ms = duration.as_secs_f64() * 1000.0,

@@ -672,8 +672,9 @@ impl Proxy {
         let took = sent.elapsed();
         match &result {
             Ok(_) => self.metrics.upstream(took),
-            Err(Error::DownstreamBody(_)) => {}
-            Err(Error::BodyStalled(stall)) => self.metrics.cut(stall.reason()),
+            // The request body's own failure: a stall is counted once, when the exchange ends
+            // (Tracked recorded it in the request's progress).
+            Err(Error::DownstreamBody(_) | Error::BodyStalled(_)) => {}
             Err(e) => self.metrics.upstream_error(e.kind()),
         }
         Outcome {

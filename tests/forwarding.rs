@@ -1043,6 +1043,19 @@ async fn a_streamed_response_that_stalls_upstream_is_cut() {
         received.len() < 256 * 1024 + 1024,
         "the body cannot have ended"
     );
+    // Counted once, as the upstream's failure, not as a peer cut.
+    support::await_sample(
+        proxy.admin,
+        r#"snapguard_upstream_errors_total{kind="body_idle"}"#,
+        1.0,
+    )
+    .await;
+    let metrics = support::admin_get(proxy.admin, "/metrics").await.body;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert_eq!(
+        support::sample(&metrics, r#"snapguard_peers_cut_total{reason="body_idle"}"#),
+        0.0
+    );
 }
 
 #[tokio::test]

@@ -230,6 +230,7 @@ async fn the_access_log_has_every_field_and_never_a_secret() {
         "decision",
         "rule",
         "error",
+        "end",
         "bytes_in",
         "bytes_out",
         "duration_ms",
@@ -243,6 +244,7 @@ async fn the_access_log_has_every_field_and_never_a_secret() {
     assert_eq!(first["decision"], "allowed");
     assert_eq!(first["bytes_in"], body.len());
     assert_eq!(first["bytes_out"], support::OK_BODY.len());
+    assert_eq!(first["end"], "complete");
     assert_eq!(access[1]["decision"], "rejected");
     assert_eq!(access[1]["rule"], "reserved_prefix");
     assert_eq!(

@@ -7,7 +7,7 @@
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::ProxyBody;
+use crate::lifetime::Stall;
 use crate::upstream::BoxError;
 
 /// How far a request body has got: the bytes received from downstream, and when it last moved
@@ -27,6 +28,10 @@ pub struct Progress {
     /// Set once the request body has been handed on whole: only then may its upstream
     /// connection carry another request.
     sent_whole: AtomicBool,
+    /// Set if the body broke off on its way upstream, with the stall if it was cut for its pace
+    /// or framing: the exchange counts a cut once when it ends, whichever side noticed first,
+    /// and does not blame the upstream for a response that broke because of it.
+    broke: OnceLock<Option<Stall>>,
 }
 
 impl Progress {
@@ -36,6 +41,7 @@ impl Progress {
             received: AtomicU64::new(0),
             moved_ms: AtomicU64::new(0),
             sent_whole: AtomicBool::new(false),
+            broke: OnceLock::new(),
         })
     }
 
@@ -46,6 +52,12 @@ impl Progress {
 
     fn finished(&self) {
         self.sent_whole.store(true, Ordering::Release);
+    }
+
+    /// Whether the body broke off on its way upstream, and the stall if it was cut for its
+    /// pace or framing.
+    pub fn broke(&self) -> Option<Option<Stall>> {
+        self.broke.get().copied()
     }
 
     /// Bytes of request body received from downstream so far.
@@ -115,7 +127,10 @@ impl Body for Tracked {
                 }
             }
             Poll::Ready(None) => this.progress.finished(),
-            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+            Poll::Ready(Some(Err(e))) => {
+                let _ = this.progress.broke.set(Stall::find(e.as_ref()));
+            }
+            Poll::Pending => {}
         }
         polled
     }

@@ -10,8 +10,9 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::{Progress, ProxyBody};
-use crate::access::Exchange;
+use crate::access::{End, Exchange};
 use crate::conn::InFlight;
+use crate::lifetime::Stall;
 use crate::upstream::{BoxError, Lease};
 
 /// A response body that holds the upstream connection it comes from, and gives it back to the
@@ -82,9 +83,10 @@ impl Body for Leased {
 }
 
 /// A response body that counts what it sends for the exchange's access record, and ends the
-/// exchange ([`Exchange::finish`]: the access line and the request metrics) when its last frame
-/// has been handed on, or, if it never gets there (the downstream went away), when it is
-/// dropped.
+/// exchange ([`Exchange::finish`]: the access line and the request metrics) with how it ended:
+/// when its last frame has been handed on (at once for an empty body, which hyper never
+/// polls), when it breaks off on the upstream's side, or, if neither happens before hyper lets
+/// go of it, as abandoned by the downstream: dropping is the only sign hyper gives of that.
 #[derive(Debug)]
 pub struct Logged {
     inner: Leased,
@@ -93,10 +95,14 @@ pub struct Logged {
 
 impl Logged {
     pub fn new(inner: Leased, exchange: Box<Exchange>) -> Self {
-        Self {
+        let mut body = Self {
             inner,
             exchange: Some(exchange),
+        };
+        if body.inner.is_end_stream() {
+            body.end(End::Complete);
         }
+        body
     }
 
     /// Whether the rest of the body is all in memory: it never waits for the upstream.
@@ -104,9 +110,9 @@ impl Logged {
         self.inner.is_buffered()
     }
 
-    fn end(&mut self) {
+    fn end(&mut self, end: End) {
         if let Some(exchange) = self.exchange.take() {
-            exchange.finish();
+            exchange.finish(end);
         }
     }
 }
@@ -127,11 +133,22 @@ impl Body for Logged {
                     exchange.bytes_out += data.len() as u64;
                 }
                 if this.inner.is_end_stream() {
-                    this.end();
+                    this.end(End::Complete);
                 }
             }
-            Poll::Ready(None) => this.end(),
-            Poll::Ready(Some(Err(_))) | Poll::Pending => {}
+            Poll::Ready(None) => this.end(End::Complete),
+            Poll::Ready(Some(Err(e))) => {
+                let kind = Stall::find(e.as_ref()).map_or("reset", Stall::reason);
+                if let Some(exchange) = &this.exchange {
+                    tracing::warn!(
+                        error = %e,
+                        request_id = exchange.request_id.to_str().unwrap_or("-"),
+                        "the response body broke off"
+                    );
+                }
+                this.end(End::Upstream(kind));
+            }
+            Poll::Pending => {}
         }
         polled
     }
@@ -147,8 +164,8 @@ impl Body for Logged {
 
 impl Drop for Logged {
     fn drop(&mut self) {
-        // Abandoned, or never polled (an empty body, a HEAD response): the exchange ends here.
-        self.end();
+        // Let go of before its end (an ended exchange has no record left to write).
+        self.end(End::Abandoned);
     }
 }
 
