@@ -57,6 +57,10 @@ pub struct Activity {
 /// costs the upstream a request each time, the client almost nothing.
 const ABANDON_BUDGET: u64 = 100;
 
+/// How long a connection told to go away for abandoning too many requests (an HTTP/2 GOAWAY,
+/// through hyper's graceful shutdown) has to finish before its socket is reset.
+const GOAWAY_GRACE: Duration = Duration::from_secs(1);
+
 impl Activity {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
@@ -420,8 +424,9 @@ impl Drop for DrainWatch {
 /// Drives `conn` to its end, unless it sits idle past a deadline: `first` until its first
 /// request starts, and between requests on HTTP/1 (the next request head must come within it);
 /// `idle` between requests on HTTP/2; or its responses stop keeping `pace` on the downstream's
-/// side; or it abandons too many requests. Once `drain` says so, `graceful` asks `conn` to
-/// finish its exchanges and close.
+/// side; or it abandons too many requests (then `graceful` tells it to go away, an HTTP/2
+/// GOAWAY, and it is reset if it has not closed [`GOAWAY_GRACE`] later). Once `drain` says so,
+/// `graceful` asks `conn` to finish its exchanges and close.
 ///
 /// Hand-polled rather than a `select!`: the connection's task wakes a few times a request, and
 /// each of the deadline timer, the abandon signal and the drain signal is polled only to be
@@ -470,12 +475,19 @@ pub async fn with_deadlines<F: Future>(
     let draining = drain.state.started.notified();
     tokio::pin!(timer, abandoning, draining);
     let (mut armed, mut drain_armed, mut abandon_armed, mut drained) = (false, false, false, false);
+    // Set once the connection was told to go away for abandoning too many requests: how it
+    // ends from then on, it was cut.
+    let mut sent_away = false;
     std::future::poll_fn(|cx| {
         // The timer is polled to register it and once it has fired, not at every wake-up;
         // first, while the task's cooperative budget is whole: a poll refused for want of
         // budget registers nothing, and is made again at the next wake-up.
         while !armed || timer.is_elapsed() {
             if armed {
+                if sent_away {
+                    activity.reset.store(true, Ordering::Release);
+                    return Poll::Ready(Err(Closed::Abandoning));
+                }
                 if activity
                     .idle_since()
                     .is_some_and(|t| t + limit() <= Instant::now())
@@ -505,7 +517,11 @@ pub async fn with_deadlines<F: Future>(
             graceful(conn.as_mut());
         }
         if let Poll::Ready(out) = conn.as_mut().poll(cx) {
-            return Poll::Ready(Ok(out));
+            return Poll::Ready(if sent_away {
+                Err(Closed::Abandoning)
+            } else {
+                Ok(out)
+            });
         }
         // Registered once; polled again only once the connection has abandoned past its
         // budget, where its signal matters (a notification consumed while the share of
@@ -517,9 +533,20 @@ pub async fn with_deadlines<F: Future>(
                 let _ = abandoning.as_mut().poll(cx);
             }
         }
-        if activity.abandons_too_many() {
-            activity.reset.store(true, Ordering::Release);
-            return Poll::Ready(Err(Closed::Abandoning));
+        if !sent_away && activity.abandons_too_many() {
+            // Told to go away (GOAWAY: no new streams; the ones it has may end), then given
+            // GOAWAY_GRACE to close before the timer resets it.
+            sent_away = true;
+            graceful(conn.as_mut());
+            timer.as_mut().reset(Instant::now() + GOAWAY_GRACE);
+            armed = tokio::task::coop::has_budget_remaining();
+            if timer.as_mut().poll(cx).is_ready() || !armed {
+                cx.waker().wake_by_ref();
+            }
+            // Polled again at once, so that the GOAWAY is written.
+            if conn.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(Closed::Abandoning));
+            }
         }
         Poll::Pending
     })
@@ -734,20 +761,69 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_peer_that_abandons_most_requests_is_cut_past_the_budget() {
+    async fn a_peer_that_abandons_most_requests_is_told_to_go_away_then_cut() {
         let activity = Activity::new();
-        let watch = watched(
+        let drain = Drain::new();
+        let told = AtomicUsize::new(0);
+        let watcher = drain.watcher();
+        let watch = with_deadlines(
             std::future::pending::<()>(),
             &activity,
+            &watcher,
+            |_| {
+                told.fetch_add(1, Ordering::Relaxed);
+            },
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+            PACE,
+        );
+        tokio::pin!(watch);
+        let storm = async {
+            for i in 0..1000 {
+                if told.load(Ordering::Relaxed) > 0 {
+                    return i;
+                }
+                drop(activity.begin());
+                tokio::task::yield_now().await;
+            }
+            1000
+        };
+        let abandoned = tokio::select! {
+            closed = &mut watch => panic!("cut without being told to go away: {closed:?}"),
+            abandoned = storm => abandoned,
+        };
+        assert!(abandoned <= ABANDON_BUDGET + 2, "told after {abandoned}");
+        assert_eq!(told.load(Ordering::Relaxed), 1);
+        // A connection that does not close when told is reset GOAWAY_GRACE later.
+        let started = Instant::now();
+        assert_eq!(watch.await, Err(Closed::Abandoning));
+        assert_eq!(started.elapsed(), GOAWAY_GRACE);
+        assert!(activity.reset.load(Ordering::Acquire));
+
+        // One that closes when told (its GOAWAY written) is cut all the same, without a reset.
+        let activity = Activity::new();
+        let closing = std::sync::atomic::AtomicBool::new(false);
+        let conn = std::future::poll_fn(|_| {
+            if closing.load(Ordering::Relaxed) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        });
+        let watcher = drain.watcher();
+        let watch = with_deadlines(
+            conn,
+            &activity,
+            &watcher,
+            |_| closing.store(true, Ordering::Relaxed),
             Duration::from_secs(10),
             Duration::from_secs(60),
             PACE,
         );
         let storm = async {
-            for i in 0..1000 {
+            loop {
                 drop(activity.begin());
                 tokio::task::yield_now().await;
-                assert!(i <= ABANDON_BUDGET + 1, "not cut after {i}");
             }
         };
         let closed = tokio::select! {
@@ -755,6 +831,8 @@ mod tests {
             () = storm => unreachable!(),
         };
         assert_eq!(closed, Err(Closed::Abandoning));
+        assert!(!activity.reset.load(Ordering::Acquire));
+
         // A peer whose requests mostly finish keeps its connection.
         let activity = Activity::new();
         for _ in 0..300 {

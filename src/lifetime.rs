@@ -12,6 +12,7 @@
 //! | a request body's framing, buffered or streamed | [`crate::gather`]: past 1,024 frames, 32 bytes a frame on average | 400, connection closed |
 //! | a response the downstream does not take | the same, watched per connection ([`crate::conn`]) | connection closed |
 //! | an HTTP/2 connection with no request in flight | `timeouts.idle` ([`crate::conn`]) | connection closed |
+//! | HTTP/2 streams the peer resets | more than 100 abandoned and most of the connection's ([`crate::conn`]); h2's own limits, pinned in [`crate::server`] | GOAWAY, then reset 1 s later |
 //!
 //! Buffering the small bodies is what keeps a slow peer from holding anything but its own
 //! connection: the upstream slot is taken only once the request is in memory, and given back as

@@ -402,6 +402,13 @@ pub fn keepalive(stream: &tokio::net::TcpStream, idle: Duration) {
     }
 }
 
+/// Streams an HTTP/2 connection may have open at once (hyper's default today).
+const H2_MAX_CONCURRENT_STREAMS: u32 = 200;
+/// Streams reset by the peer before snapguard accepted them (h2's default today).
+const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Streams reset for the peer's errors (hyper's default today).
+const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
 fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -412,9 +419,18 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
         // timer for it costs a boxed sleep per request.
         .header_read_timeout(None)
         .max_buf_size(config.limits.max_header_bytes);
+    // HTTP/2's stream limits pinned here rather than left to hyper's and h2's defaults, which
+    // are not part of their stability promise: streams at once per connection; streams a peer
+    // may open and reset before they are accepted, and streams snapguard may reset for
+    // the peer's protocol errors, before the connection is told to go away (GOAWAY
+    // ENHANCE_YOUR_CALM). Streams reset after they were accepted are counted by the deadline
+    // watch ([`crate::conn`]: past 100, and most of the connection's, it goes away too).
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS)
         .max_header_list_size(u32::try_from(config.limits.max_header_bytes).unwrap_or(u32::MAX));
     builder
 }

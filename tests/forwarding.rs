@@ -1253,6 +1253,76 @@ async fn an_exchange_the_downstream_abandons_is_finished_and_its_connection_kept
     );
 }
 
+/// Takes the head and a little of a `GET /v3/p1/volumes` response from `proxy`, then lets go
+/// with most of the body unsent: an HTTP/2 stream reset (the stream's window kept at 64 KiB),
+/// or an HTTP/1 connection closed (its receive buffer kept at 4 KiB).
+async fn abandon_mid_body(proxy: &Proxy, version: Version) {
+    use http::Request;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::{connect::HttpConnector, Client};
+    use hyper_util::rt::TokioExecutor;
+    if version == Version::HTTP_2 {
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
+            .http2_only(true)
+            .http2_adaptive_window(false)
+            .http2_initial_stream_window_size(65_535);
+        let client: Client<HttpConnector, Empty<Bytes>> = builder.build(HttpConnector::new());
+        let url = proxy.url("/v3/p1/volumes");
+        let response = client
+            .request(Request::get(&url).body(Empty::new()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body();
+        body.frame().await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop((body, client));
+    } else {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(proxy.addr).await.unwrap();
+        stream
+            .write_all(b"GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = [0u8; 1024];
+        let n = stream.read(&mut head).await.unwrap();
+        assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_response_abandoned_mid_body_is_drained_and_its_connection_kept() {
+    // 256 KiB: streamed (over limits.buffer_response_body); what is left when the client lets
+    // go is within the drain's 256 KiB. It is read in the background and the connection pooled
+    // again.
+    let (upstream, proxy) = support::pair(Reply::Large(256 * 1024), "").await;
+    for version in [
+        Version::HTTP_2,
+        Version::HTTP_11,
+        Version::HTTP_2,
+        Version::HTTP_11,
+    ] {
+        abandon_mid_body(&proxy, version).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(upstream.seen().len(), 4);
+    assert_eq!(
+        upstream.accepted(),
+        1,
+        "abandoned responses threw their connections away"
+    );
+    // A rest surely over the budget is not read: its connection is closed.
+    let (upstream, proxy) = support::pair(Reply::Large(16 * MIB), "").await;
+    for version in [Version::HTTP_2, Version::HTTP_11] {
+        abandon_mid_body(&proxy, version).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(upstream.accepted(), 2);
+}
+
 #[tokio::test]
 async fn a_request_abandoned_while_it_waits_for_a_slot_leaves_the_queue() {
     let toml = format!(

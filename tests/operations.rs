@@ -575,6 +575,51 @@ async fn an_http2_connection_between_requests_waits_idle_not_the_header_timeout(
 }
 
 #[tokio::test]
+async fn an_http2_client_resetting_most_of_its_streams_is_told_to_go_away() {
+    // The rapid-reset pattern: each stream reset (RST_STREAM CANCEL) a few milliseconds after
+    // its HEADERS, while the upstream takes 300 ms. Past 100 abandoned streams, most of the
+    // connection's, it gets a GOAWAY and a clean close (hyper's client connection then ends
+    // with Ok, where a reset socket would end it with an error), and the cut is counted.
+    let (_upstream, proxy) = support::pair(Reply::Slow(Duration::from_millis(300)), "").await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, String>(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let mut reset = 0;
+    while !conn.is_finished() && reset < 1000 {
+        if sender.ready().await.is_err() {
+            break;
+        }
+        let get = http::Request::get(proxy.url("/v3/p1/volumes"))
+            .body(String::new())
+            .unwrap();
+        match tokio::time::timeout(Duration::from_millis(3), sender.send_request(get)).await {
+            Err(_) => reset += 1,
+            Ok(Ok(response)) => panic!("answered before its reset: {response:?}"),
+            // Refused: the connection is going away.
+            Ok(Err(_)) => break,
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    let ended = ended.expect("the connection was not ended").unwrap();
+    assert!(ended.is_ok(), "not a clean GOAWAY and close: {ended:?}");
+    assert!(
+        (101..=400).contains(&reset),
+        "told to go away after {reset}"
+    );
+    support::await_sample(
+        proxy.admin,
+        r#"snapguard_peers_cut_total{reason="reset_flood"}"#,
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn a_long_response_is_not_cut_by_the_idle_timeout() {
     let (_upstream, proxy) = support::pair(
         Reply::Slow(Duration::from_millis(1200)),

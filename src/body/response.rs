@@ -13,12 +13,14 @@ use super::{Progress, ProxyBody};
 use crate::access::{End, Exchange};
 use crate::conn::InFlight;
 use crate::lifetime::Stall;
-use crate::upstream::{BoxError, Lease};
+use crate::upstream::{read_out, BoxError, Lease, DRAIN_BYTES};
 
 /// A response body that holds the upstream connection it comes from, and gives it back to the
 /// pool once the body has been read whole, if its request was sent whole by then; otherwise
 /// the connection is closed after the exchange (dropping the lease), so that no request waits
-/// behind another's upload. Error responses of snapguard's own hold none.
+/// behind another's upload. A body the downstream lets go of before its end is drained in the
+/// background if what is left may be small ([`Lease::drain`]); one that broke is closed.
+/// Error responses of snapguard's own hold none.
 #[derive(Debug)]
 pub struct Leased {
     inner: ProxyBody,
@@ -67,8 +69,11 @@ impl Body for Leased {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(Some(Ok(_)) | None)) {
-            this.release_if_read();
+        match polled {
+            Poll::Ready(Some(Ok(_)) | None) => this.release_if_read(),
+            // Broken: its connection is closed, never drained.
+            Poll::Ready(Some(Err(_))) => this.lease = None,
+            Poll::Pending => {}
         }
         polled
     }
@@ -79,6 +84,19 @@ impl Body for Leased {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for Leased {
+    fn drop(&mut self) {
+        let Some((lease, request)) = self.lease.take() else {
+            return;
+        };
+        // Let go of before its end (the downstream went away, or reset its stream): a rest that
+        // is surely over the drain's budget is not worth reading, and closes the connection.
+        if self.inner.size_hint().lower() <= DRAIN_BYTES {
+            lease.drain(read_out(std::mem::take(&mut self.inner)), request, ());
+        }
     }
 }
 

@@ -40,7 +40,7 @@ use rustls_pki_types::CertificateDer;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_service::Service;
 
-pub use self::pool::Lease;
+pub use self::pool::{read_out, Lease, DRAIN_BYTES};
 use self::pool::{Pool, Sender};
 use crate::body::{Progress, Tracked};
 use crate::config::{Config, UpstreamUrl};
@@ -186,8 +186,6 @@ pub struct Upstream {
     queue_timeout: Duration,
     waiting_gauge: Gauge,
     idle_timeout: Duration,
-    /// Background drains of exchanges whose downstream went away, at most one per slot.
-    drains: Arc<Semaphore>,
     /// The pace new connections are opened at, and the longest a request waits for its turn.
     connects: ConnectPace,
     connect_wait: Duration,
@@ -246,7 +244,6 @@ impl Upstream {
             queue_timeout: config.timeouts.upstream_queue,
             waiting_gauge: waiting,
             idle_timeout: config.timeouts.upstream_idle,
-            drains: Arc::new(Semaphore::new(config.limits.max_upstream_connections)),
             // As many at once as there are slots, then at least 64 a second: far above what
             // pooled traffic needs, far below a storm (the 10 s of a reset storm open at most
             // about 700 with the default limit).
@@ -309,7 +306,6 @@ impl Upstream {
                 lease: Some(self.pool.lease(conn)),
                 slot: slot.take(),
                 request: request.clone(),
-                drains: self.drains.clone(),
             };
             match exchange.finish().await {
                 Ok(done) => return Ok(done),
@@ -425,7 +421,6 @@ struct Exchange {
     lease: Option<Lease>,
     slot: Option<OwnedSemaphorePermit>,
     request: Arc<Progress>,
-    drains: Arc<Semaphore>,
 }
 
 type Finished = (Response<Incoming>, Lease);
@@ -485,43 +480,14 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// How long, and how much of a response, a background drain may take.
-const DRAIN_TIME: Duration = Duration::from_secs(5);
-const DRAIN_BYTES: usize = 256 * 1024;
-
 impl Drop for Exchange {
     fn drop(&mut self) {
         let (Some(response), Some(lease)) = (self.response.take(), self.lease.take()) else {
             return;
         };
-        // Bounded: past as many drains as there are slots, the connection is simply closed.
-        let Ok(permit) = self.drains.clone().try_acquire_owned() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let request = self.request.clone();
         // The request is still in the upstream's hands: it keeps its slot until drained.
-        let slot = self.slot.take();
-        runtime.spawn(async move {
-            let _permit = permit;
-            let _slot = slot;
-            let drained = tokio::time::timeout(DRAIN_TIME, async {
-                let mut body = response.await.ok()?.into_body();
-                let mut read = 0;
-                while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
-                    read += frame.ok()?.data_ref().map_or(0, bytes::Bytes::len);
-                    if read > DRAIN_BYTES {
-                        return None;
-                    }
-                }
-                Some(())
-            });
-            if matches!(drained.await, Ok(Some(()))) && request.sent_whole() {
-                lease.release();
-            }
-        });
+        let rest = async move { pool::read_out(response.await.ok()?.into_body()).await };
+        lease.drain(rest, self.request.clone(), self.slot.take());
     }
 }
 

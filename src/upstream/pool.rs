@@ -11,14 +11,18 @@
 //! least recently used connections as the queue never fell below during that time: those the
 //! traffic did not need.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
+use hyper::body::Body;
 use hyper::client::conn::http1::SendRequest;
+use tokio::sync::Semaphore;
 
-use crate::body::Tracked;
+use crate::body::{Progress, Tracked};
 
 pub type Sender = SendRequest<Tracked>;
 
@@ -28,7 +32,13 @@ pub struct Pool {
     idle: ArrayQueue<Sender>,
     /// The fewest connections the queue has held since the last reaping.
     low_water: AtomicUsize,
+    /// Background drains of exchanges whose downstream went away, at most one per slot.
+    drains: Arc<Semaphore>,
 }
+
+/// How long, and how much of a response, a background drain may take.
+pub const DRAIN_TIME: Duration = Duration::from_secs(5);
+pub const DRAIN_BYTES: u64 = 256 * 1024;
 
 impl Pool {
     /// A pool keeping at most `capacity` idle connections; more are closed after their use.
@@ -37,6 +47,7 @@ impl Pool {
             returned: tokio::sync::Notify::new(),
             idle: ArrayQueue::new(capacity.max(1)),
             low_water: AtomicUsize::new(0),
+            drains: Arc::new(Semaphore::new(capacity)),
         })
     }
 
@@ -107,6 +118,48 @@ impl Lease {
             self.pool.put(conn);
         }
     }
+
+    /// Finishes, in the background, an exchange whose downstream went away: `rest` reads what
+    /// is left of its response ([`read_out`]), and if that ends within [`DRAIN_TIME`] and the
+    /// request was sent whole, the connection goes back to the pool instead of being closed. A
+    /// storm of abandoned requests must not become a storm of new upstream connections. At
+    /// most one drain per slot runs at once; past that, the connection is closed now. `hold`
+    /// (the request's upstream slot, while its response head has not come) is kept until the
+    /// drain ends.
+    pub fn drain<F, H>(self, rest: F, request: Arc<Progress>, hold: H)
+    where
+        F: Future<Output = Option<()>> + Send + 'static,
+        H: Send + 'static,
+    {
+        let Ok(permit) = self.pool.drains.clone().try_acquire_owned() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let _held = (permit, hold);
+            let drained = tokio::time::timeout(DRAIN_TIME, rest).await;
+            if matches!(drained, Ok(Some(()))) && request.sent_whole() {
+                self.release();
+            }
+        });
+    }
+}
+
+/// Reads `body` to its end, if it ends within [`DRAIN_BYTES`] and without an error.
+pub async fn read_out<B>(mut body: B) -> Option<()>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let mut read = 0;
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        read += frame.ok()?.data_ref().map_or(0, Bytes::len) as u64;
+        if read > DRAIN_BYTES {
+            return None;
+        }
+    }
+    Some(())
 }
 
 impl std::fmt::Debug for Lease {
