@@ -8,6 +8,7 @@
 //! when it scrapes). A counter with labels is not in the exposition at all until its first
 //! event, so the test makes one of each (a refused request, a request to a dead upstream, a
 //! SIGHUP) before it reads the names and labels, and prints which had no series at start-up.
+//! What the alerts read must be there at start-up, at 0, so that their first event counts.
 
 // Tests fail by panicking; the no-unwrap rule is for the request path.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -223,7 +224,8 @@ async fn dashboard_and_alerts_use_only_metrics_snapguard_exports() {
     // An upstream nobody listens on: a passthrough request then counts an upstream error.
     let dead = format!("http://{}", free_addr());
     let bin = Binary::start(BIN, &dead, "", &[]).await;
-    let at_start = read_exposition(&scrape(bin.admin).await);
+    let at_start_text = scrape(bin.admin).await;
+    let at_start = read_exposition(&at_start_text);
 
     // One event of each kind that creates labelled series.
     let refused = send(
@@ -262,11 +264,37 @@ async fn dashboard_and_alerts_use_only_metrics_snapguard_exports() {
         "metrics with no series at start-up (they appear with their first event): {silent:?}"
     );
 
+    // Every series an alert reads with `increase()` is there at 0 from start-up: a series
+    // born at its first event has no earlier sample, so `increase(...) > 0` would never see
+    // that first event. Violations are the exception: their series are by rule and field
+    // (configured rules included), and their alert is a rate spike, which one event cannot be.
+    let mut problems = Vec::new();
+    for q in alert_queries() {
+        let mut used = Used::default();
+        walk_expr(&mut used, &parser::parse(&q.expr).unwrap()).unwrap();
+        for metric in used.selectors.keys() {
+            if metric != "snapguard_policy_violations_total"
+                && !at_start.series.contains_key(metric)
+            {
+                problems.push(format!("{}: {metric} has no series at start-up", q.origin));
+            }
+        }
+    }
+    for series in [
+        r#"snapguard_config_reloads_total{result="failure"} 0"#,
+        r#"snapguard_tls_reloads_total{result="failure"} 0"#,
+        r#"snapguard_upstream_errors_total{kind="queue_full"} 0"#,
+        r#"snapguard_upstream_errors_total{kind="queue_timeout"} 0"#,
+    ] {
+        if !at_start_text.lines().any(|line| line == series) {
+            problems.push(format!("not exported at start-up: {series}"));
+        }
+    }
+
     let queries: Vec<Query> = dashboard_queries()
         .into_iter()
         .chain(alert_queries())
         .collect();
-    let mut problems = Vec::new();
     let mut used_metrics = BTreeSet::new();
     for q in &queries {
         let expr = match parser::parse(&q.expr) {
