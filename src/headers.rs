@@ -88,7 +88,8 @@ pub struct Peer {
     /// Whether snapguard terminated TLS on this connection: the proto is then `https`.
     pub tls: bool,
     /// Whether the peer is one of `forwarding.trusted_proxies`, whose forwarding headers are
-    /// kept and appended to; anyone else's are overwritten.
+    /// kept and appended to; anyone else's `X-Forwarded-*` are overwritten and its `Forwarded`
+    /// removed ([`add_forwarded`]).
     pub trusted: bool,
     /// The subject of the client certificate, with mutual TLS.
     pub client: Option<std::sync::Arc<str>>,
@@ -181,11 +182,12 @@ const HOST_BYTE: [bool; 256] = {
     table
 };
 
-/// Sets the forwarding headers: from a trusted proxy, its `X-Forwarded-For` and `Forwarded` are
-/// appended to and its `X-Forwarded-Proto` and `X-Forwarded-Host` kept; from anyone else, all
-/// four are overwritten with what this hop saw, so a client cannot make the upstream believe it
-/// came from elsewhere or over TLS. Headers for which `untouchable` holds (covered by a request
-/// signature) are left alone.
+/// Sets the forwarding headers. From a trusted proxy, its `X-Forwarded-For` is appended to, its
+/// `X-Forwarded-Proto` and `X-Forwarded-Host` are kept, and its `Forwarded`, if it sent one, is
+/// kept and appended to. From anyone else, the three `X-Forwarded-*` are overwritten with what
+/// this hop saw and `Forwarded` is removed, so a client cannot make the upstream believe it came
+/// from elsewhere or over TLS. A `Forwarded` chain is never started (see below). Headers for
+/// which `untouchable` holds (covered by a request signature) are left alone.
 pub fn add_forwarded(
     headers: &mut HeaderMap,
     peer: &Peer,
@@ -225,9 +227,12 @@ pub fn add_forwarded(
     // and `Host: x";for=6.6.6.6` must not become a parameter or element of anyone's header.
     let host = host.filter(|h| is_host(h.as_bytes()));
     if !untouchable(&FORWARDED) {
-        // A chain is continued, never started: Cinder's oslo.middleware reads the first element
-        // of `Forwarded` and takes a quoted host literally (`https://"api:8443"/`), so from an
-        // untrusted peer the header is removed and X-Forwarded-* carry the same facts.
+        // A chain is continued, never started: whenever `Forwarded` is present, Cinder's
+        // oslo.middleware reads it instead of X-Forwarded-*, takes only its first element and
+        // its values literally, so the quoted host RFC 7239 requires with a port would make
+        // its links `https://"api:8443"/`. Without it, Cinder reads the X-Forwarded-* set
+        // below. From an untrusted peer the header is removed, so no forged element reaches
+        // the upstream.
         if peer.trusted && headers.contains_key(&FORWARDED) {
             let mut element = format!("for={};proto={}", peer.forwarded_node, peer.proto());
             if let Some(host) = host.as_ref().and_then(|h| h.to_str().ok()) {

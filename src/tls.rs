@@ -4,12 +4,12 @@
 //! Certificates are reloaded when their files change, as well as on SIGHUP: Kubernetes updates
 //! a mounted Secret by swapping a `..data` symlink, which no signal announces, so the files are
 //! re-read when their directory changes ([`crate::watch`]) and every `reload_interval`, and
-//! swapped in when their contents differ. A file that fails
-//! to load keeps what is in force and says why. Handshakes in progress keep the configuration
-//! they started with; only new ones get the new one.
+//! swapped in when their contents differ. A file that fails to load keeps what is in force and
+//! says why, once for the same bytes. Handshakes in progress keep the configuration they started
+//! with; only new ones get the new one.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
@@ -85,26 +85,47 @@ pub struct Loaded {
     /// The served certificate's notAfter, in Unix seconds.
     pub not_after: i64,
     /// The files' bytes, to tell whether a re-read changed anything.
-    contents: Vec<u8>,
+    contents: Files,
+}
+
+/// The files' bytes, as one attempt read them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Files {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+impl Files {
+    fn read(config: &TlsConfig) -> Result<Self, TlsFileError> {
+        let read = |what, path: &Path| {
+            std::fs::read(path).map_err(|e| TlsFileError::Read {
+                what,
+                path: path.to_owned(),
+                source: rustls_pki_types::pem::Error::Io(e),
+            })
+        };
+        Ok(Self {
+            cert: read("certificate file", &config.cert_file)?,
+            key: read("key file", &config.key_file)?,
+            client_ca: match &config.client_ca_file {
+                Some(path) => Some(read("client CA file", path)?),
+                None => None,
+            },
+        })
+    }
 }
 
 /// Reads and checks the files: the key matches the certificate, the certificate is valid now,
 /// the client CA (if any) is usable.
 pub fn load(config: &TlsConfig) -> Result<Loaded, TlsFileError> {
-    let read = |what, path: &Path| {
-        std::fs::read(path).map_err(|e| TlsFileError::Read {
-            what,
-            path: path.to_owned(),
-            source: rustls_pki_types::pem::Error::Io(e),
-        })
-    };
-    let cert_pem = read("certificate file", &config.cert_file)?;
-    let key_pem = read("key file", &config.key_file)?;
-    let ca_pem = match &config.client_ca_file {
-        Some(path) => Some(read("client CA file", path)?),
-        None => None,
-    };
-    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+    build(config, &Files::read(config)?)
+}
+
+/// Checks the files as read and builds the configuration they make.
+fn build(config: &TlsConfig, files: &Files) -> Result<Loaded, TlsFileError> {
+    let (cert_pem, key_pem) = (&files.cert, &files.key);
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|source| TlsFileError::Read {
             what: "certificate file",
@@ -132,7 +153,7 @@ pub fn load(config: &TlsConfig) -> Result<Loaded, TlsFileError> {
             reason: format!("not valid before {not_before} (Unix time)"),
         });
     }
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|source| TlsFileError::Read {
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| TlsFileError::Read {
         what: "key file",
         path: config.key_file.clone(),
         source,
@@ -146,7 +167,7 @@ pub fn load(config: &TlsConfig) -> Result<Loaded, TlsFileError> {
             cert: config.cert_file.clone(),
             source: e,
         })?;
-    let builder = match (&config.client_ca_file, &ca_pem) {
+    let builder = match (&config.client_ca_file, &files.client_ca) {
         (Some(path), Some(pem)) => {
             let ca_error = |reason: String| TlsFileError::ClientCa {
                 path: path.clone(),
@@ -173,13 +194,10 @@ pub fn load(config: &TlsConfig) -> Result<Loaded, TlsFileError> {
             source,
         })?;
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let mut contents = cert_pem;
-    contents.extend(key_pem);
-    contents.extend(ca_pem.unwrap_or_default());
     Ok(Loaded {
         server: Arc::new(server),
         not_after,
-        contents,
+        contents: files.clone(),
     })
 }
 
@@ -210,6 +228,9 @@ fn unix_now() -> i64 {
 pub struct Terminator {
     config: TlsConfig,
     current: ArcSwap<Loaded>,
+    /// What the last failed reload read (the files' bytes, or why they could not be read), so
+    /// that files which stay broken are reported once, not on every tick and directory event.
+    failed: Mutex<Option<Result<Files, String>>>,
 }
 
 impl Terminator {
@@ -218,6 +239,7 @@ impl Terminator {
         Ok(Self {
             config,
             current: ArcSwap::from_pointee(loaded),
+            failed: Mutex::new(None),
         })
     }
 
@@ -231,14 +253,42 @@ impl Terminator {
     }
 
     /// Re-reads the files: `Ok(true)` when they changed and the new ones are in force; on an
-    /// error the ones in force stay.
+    /// error the ones in force stay. An error is returned once for the same bytes: files that
+    /// read as they did at the last failure are tried again (a certificate not yet valid
+    /// becomes valid without a change), but failing again they give `Ok(false)` and a debug
+    /// line, so that a pair left broken is not counted and logged on every re-read.
     pub fn reload(&self) -> Result<bool, TlsFileError> {
-        let fresh = load(&self.config)?;
-        if fresh.contents == self.current.load().contents {
-            return Ok(false);
+        let (attempt, outcome) = match Files::read(&self.config) {
+            Ok(files) => {
+                let outcome = build(&self.config, &files).map(|fresh| {
+                    let changed = fresh.contents != self.current.load().contents;
+                    if changed {
+                        self.current.store(Arc::new(fresh));
+                    }
+                    changed
+                });
+                (Ok(files), outcome)
+            }
+            Err(e) => (Err(e.to_string()), Err(e)),
+        };
+        let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
+        match outcome {
+            Err(e) if failed.as_ref() == Some(&attempt) => {
+                tracing::debug!(
+                    error = %e,
+                    "TLS files unchanged since they failed to load; the certificate in force stays"
+                );
+                Ok(false)
+            }
+            Err(e) => {
+                *failed = Some(attempt);
+                Err(e)
+            }
+            Ok(changed) => {
+                *failed = None;
+                Ok(changed)
+            }
         }
-        self.current.store(Arc::new(fresh));
-        Ok(true)
     }
 
     /// Seconds until the served certificate expires (negative once it has).
@@ -332,5 +382,65 @@ mod tests {
             terminator.expires_in() > 0,
             "the pair in force still serves"
         );
+    }
+
+    /// `snapguard_tls_reloads_total{result}` as exported.
+    fn reloads(metrics: &crate::metrics::Metrics, result: &str) -> f64 {
+        let series = format!("snapguard_tls_reloads_total{{result=\"{result}\"}} ");
+        metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {series}in\n{}", metrics.encode()))
+    }
+
+    #[tokio::test]
+    async fn a_pair_that_stays_broken_counts_once_and_a_changed_one_again() {
+        let dir = tempdir("broken");
+        let (c, k) = write_pair(&dir, "a");
+        let terminator = Arc::new(Terminator::new(config(c.clone(), k.clone())).unwrap());
+        let metrics = crate::metrics::Metrics::default();
+        // Re-read as the timer and the directory watch do, `n` times; the failures counted.
+        let reread = |n: usize| {
+            let (terminator, metrics) = (&terminator, &metrics);
+            async move {
+                let before = reloads(metrics, "failure");
+                for _ in 0..n {
+                    crate::server::reload_tls(terminator, metrics).await;
+                }
+                reloads(metrics, "failure") - before
+            }
+        };
+
+        // A key of another certificate: counted once, however often it is re-read.
+        let (_, other_key) = write_pair(&dir, "b");
+        let stranger = std::fs::read(&other_key).unwrap();
+        std::fs::write(&k, &stranger).unwrap();
+        assert_eq!(reread(1).await, 1.0);
+        assert_eq!(reread(5).await, 0.0, "the same broken pair counted again");
+        // Written again with the same bytes (a new mtime): still the same pair.
+        std::fs::write(&k, &stranger).unwrap();
+        assert_eq!(
+            reread(3).await,
+            0.0,
+            "the same bytes rewritten counted again"
+        );
+
+        // Another broken key is another failure, once.
+        std::fs::write(&k, "not a key").unwrap();
+        assert_eq!(reread(3).await, 1.0);
+        // So is a file that cannot be read, once.
+        std::fs::remove_file(&k).unwrap();
+        assert_eq!(reread(3).await, 1.0);
+
+        // Fixed, then broken again as before: a new failure, since a good pair came between.
+        write_pair(&dir, "a");
+        let ok_before = reloads(&metrics, "success");
+        assert_eq!(reread(2).await, 0.0);
+        assert_eq!(reloads(&metrics, "success") - ok_before, 1.0);
+        std::fs::write(&k, &stranger).unwrap();
+        assert_eq!(reread(3).await, 1.0);
+        assert!(terminator.expires_in() > 0, "the good pair still serves");
     }
 }

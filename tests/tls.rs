@@ -6,14 +6,16 @@
 //! protocol versions and ALPN offered, the forwarding headers with and without a trusted peer,
 //! client certificates (mTLS) with their subject in the access log, plain HTTP and silent
 //! connections on the TLS port, rotation of a Kubernetes-style mounted Secret (a `..data`
-//! symlink swap) under keep-alive traffic, rotation to a broken pair, and refusal of bad files
-//! at start-up and by `check-config`.
+//! symlink swap) under concurrent HTTP/1.1 and HTTP/2 keep-alive traffic, rotation to a broken
+//! pair (counted and logged once, saying why), and refusal of bad files at start-up and by
+//! `check-config`.
 
 // Tests fail by panicking; the no-unwrap rule is for the request path.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -24,7 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SerialNumber,
@@ -401,32 +403,50 @@ fn served_cn(stream: &TlsStream<TcpStream>) -> String {
     cn
 }
 
-/// An HTTP/1.1 keep-alive connection over rustls, sending requests one after another.
-struct KeepAlive {
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+/// A keep-alive connection over rustls, in the HTTP version ALPN chose, sending requests one
+/// after another.
+enum KeepAlive {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
 impl KeepAlive {
     async fn open(stream: TlsStream<TcpStream>) -> Self {
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        Self { sender }
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+        let io = TokioIo::new(stream);
+        if h2 {
+            let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            Self::Http2(sender)
+        } else {
+            let (sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            Self::Http1(sender)
+        }
     }
 
     /// GETs a passthrough path; the status, or why it failed.
     async fn get(&mut self, port: u16) -> Result<u16, String> {
-        self.sender.ready().await.map_err(|e| e.to_string())?;
-        let request = Request::get("/v3/p1/volumes")
-            .header("host", format!("localhost:{port}"))
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let response = self
-            .sender
-            .send_request(request)
-            .await
-            .map_err(|e| e.to_string())?;
+        let response = match self {
+            Self::Http1(sender) => {
+                sender.ready().await.map_err(|e| e.to_string())?;
+                let request = Request::get("/v3/p1/volumes")
+                    .header("host", format!("localhost:{port}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                sender.send_request(request).await
+            }
+            Self::Http2(sender) => {
+                sender.ready().await.map_err(|e| e.to_string())?;
+                let request = Request::get(format!("https://localhost:{port}/v3/p1/volumes"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                sender.send_request(request).await
+            }
+        }
+        .map_err(|e| e.to_string())?;
         let status = response.status().as_u16();
         response
             .into_body()
@@ -659,7 +679,7 @@ async fn a_trusted_peer_keeps_its_forwarding_headers_and_they_are_appended_to() 
 }
 
 #[tokio::test]
-async fn an_untrusted_peer_has_its_forwarding_headers_overwritten() {
+async fn an_untrusted_peer_has_its_x_forwarded_headers_overwritten_and_forwarded_removed() {
     // 127.0.0.1 is not in the list: the loopback client is not trusted.
     let rest = "\n[forwarding]\ntrusted_proxies = [\"10.0.0.0/8\"]\n";
     let f = tls_fixture(false, "", rest).await;
@@ -689,26 +709,66 @@ async fn a_client_cannot_add_elements_or_parameters_to_forwarded_through_host() 
     let rest = "\n[forwarding]\ntrusted_proxies = [\"127.0.0.1\"]\n";
     let f = tls_fixture(false, "", rest).await;
     let config = client_config(&f.pki.ca_file, None, &[b"http/1.1"]);
-    let stream = connect(f.proxy.addr, &config).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    // One request on a connection of its own (a refusal may close the connection): the status
+    // snapguard answered with.
+    let send = |host: String| {
+        let config = config.clone();
+        async move {
+            let stream = connect(f.proxy.addr, &config).await.unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let request = Request::get("/v3/p1/volumes")
+                .header("host", host)
+                .header("forwarded", "for=203.0.113.7")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let response = sender.send_request(request).await.unwrap();
+            let status = response.status().as_u16();
+            let _ = response.into_body().collect().await;
+            status
+        }
+    };
+
+    // A Host that is not host[:port] never reaches the Forwarded element: it is refused with
+    // 400 before anything goes upstream.
     for host in [
         "localhost\";for=6.6.6.6;proto=http",
         "localhost\", for=6.6.6.6;proto=http;host=\"evil.example",
+        "localhost;for=6.6.6.6",
+        "localhost,for=6.6.6.6",
+        "localhost:8443;proto=http",
     ] {
-        let request = Request::get("/v3/p1/volumes")
-            .header("host", host)
-            .header("forwarded", "for=203.0.113.7")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        let response = sender.send_request(request).await.unwrap();
-        let _ = response.into_body().collect().await;
+        assert_eq!(send(host.to_owned()).await, 400, "Host: {host}");
     }
-    for seen in f.upstream.seen() {
+    assert!(
+        f.upstream.seen().is_empty(),
+        "a Host that is not host[:port] was forwarded: {:?}",
+        f.upstream.seen()
+    );
+
+    // A legal Host is forwarded, and the element appended for it is one element with one for=,
+    // one proto= and one host=, the host quoted whole.
+    let port = f.proxy.addr.port();
+    let hosts = [
+        format!("localhost:{port}"),
+        "snapguard.example".to_owned(),
+        "127.0.0.1:8443".to_owned(),
+        "[::1]:8443".to_owned(),
+    ];
+    for host in &hosts {
+        assert_eq!(send(host.clone()).await, 200, "Host: {host}");
+    }
+    let seen = f.upstream.seen();
+    assert_eq!(seen.len(), hosts.len());
+    for (host, seen) in hosts.iter().zip(&seen) {
         let forwarded = seen.headers["forwarded"].to_str().unwrap().to_owned();
-        // Outside quoted strings: one element, one for= and one proto=.
+        assert_eq!(
+            forwarded,
+            format!("for=203.0.113.7, for=127.0.0.1;proto=https;host=\"{host}\"")
+        );
+        // Outside quoted strings: two elements, this hop's with one of each parameter.
         let (mut quoted, mut bare) = (false, String::new());
         for c in forwarded.chars() {
             match c {
@@ -717,12 +777,17 @@ async fn a_client_cannot_add_elements_or_parameters_to_forwarded_through_host() 
                 _ => {}
             }
         }
+        let ours = bare.rsplit(',').next().unwrap();
         assert!(
-            bare.matches(',').count() == 1 && bare.matches("for=").count() == 2,
-            "the client wrote into Forwarded: {forwarded}"
+            !quoted
+                && bare.matches(',').count() == 1
+                && ours.matches(';').count() == 2
+                && ["for=", "proto=", "host="]
+                    .iter()
+                    .all(|p| ours.matches(p).count() == 1),
+            "the Host wrote into Forwarded: {forwarded}"
         );
-        assert_eq!(forwarded, "for=203.0.113.7, for=127.0.0.1;proto=https");
-        assert!(!seen.headers.contains_key("x-forwarded-host"));
+        assert_eq!(seen.headers["x-forwarded-host"], host.as_str());
     }
 }
 
@@ -967,37 +1032,72 @@ async fn a_silent_connection_is_closed_after_handshake_timeout() {
 
 // ---- rotation --------------------------------------------------------------------------------
 
-/// Keeps requests going until `stop`: one keep-alive connection, and a new connection for
-/// each request. Counts successes and failures, and which certificates new connections got.
+/// How many keep-alive connections [`Traffic`] keeps busy at once; the last one speaks HTTP/2.
+const KEEPALIVE: usize = 4;
+
+/// Keeps requests going until `stop`: [`KEEPALIVE`] keep-alive connections at once, each
+/// sending requests one after another (HTTP/1.1 on all but the last, HTTP/2 over ALPN on that
+/// one), and a new connection for each request beside them. Counts successes as they happen,
+/// and keeps every failure and the certificates new connections were served.
 struct Traffic {
     stop: Arc<AtomicBool>,
-    keepalive: tokio::task::JoinHandle<(usize, Vec<String>)>,
-    fresh: tokio::task::JoinHandle<(usize, Vec<String>)>,
+    /// Requests served so far on each keep-alive connection.
+    served: Vec<Arc<AtomicUsize>>,
+    /// Each keep-alive connection's certificate and failures.
+    keepalive: Vec<tokio::task::JoinHandle<(String, Vec<String>)>>,
+    /// Successes, failures and certificates served on new connections.
+    fresh: tokio::task::JoinHandle<(usize, Vec<String>, BTreeSet<String>)>,
+}
+
+/// What [`Traffic`] saw, once stopped.
+struct Tally {
+    /// Requests served on each keep-alive connection, and on new connections.
+    kept: Vec<usize>,
+    fresh: usize,
+    /// The certificate each keep-alive connection was served, and those new ones were.
+    kept_certificates: Vec<String>,
+    fresh_certificates: BTreeSet<String>,
+    errors: Vec<String>,
 }
 
 impl Traffic {
     async fn start(addr: SocketAddr, ca: &Path) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let config = client_config(ca, None, &[b"http/1.1"]);
-        let mut conn = KeepAlive::open(connect(addr, &config).await.unwrap()).await;
-        let until = stop.clone();
-        let keepalive = tokio::spawn(async move {
-            let (mut ok, mut errors) = (0, Vec::new());
-            while !until.load(Ordering::Relaxed) {
-                match conn.get(addr.port()).await {
-                    Ok(200) => ok += 1,
-                    other => errors.push(format!("keep-alive: {other:?}")),
+        let http1 = client_config(ca, None, &[b"http/1.1"]);
+        let http2 = client_config(ca, None, &[b"h2"]);
+        let (mut served, mut keepalive) = (Vec::new(), Vec::new());
+        for i in 0..KEEPALIVE {
+            let (config, version) = match i + 1 == KEEPALIVE {
+                true => (&http2, "h2"),
+                false => (&http1, "http/1.1"),
+            };
+            let stream = connect(addr, config).await.unwrap();
+            assert_eq!(stream.get_ref().1.alpn_protocol(), Some(version.as_bytes()));
+            let certificate = served_cn(&stream);
+            let mut conn = KeepAlive::open(stream).await;
+            let (until, count) = (stop.clone(), Arc::new(AtomicUsize::new(0)));
+            served.push(count.clone());
+            keepalive.push(tokio::spawn(async move {
+                let mut errors = Vec::new();
+                while !until.load(Ordering::Relaxed) {
+                    match conn.get(addr.port()).await {
+                        Ok(200) => {
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => errors.push(format!("keep-alive {i} ({version}): {other:?}")),
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            (ok, errors)
-        });
+                (certificate, errors)
+            }));
+        }
         let until = stop.clone();
         let fresh = tokio::spawn(async move {
-            let (mut ok, mut errors) = (0, Vec::new());
+            let (mut ok, mut errors, mut certificates) = (0, Vec::new(), BTreeSet::new());
             while !until.load(Ordering::Relaxed) {
-                match connect(addr, &config).await {
+                match connect(addr, &http1).await {
                     Ok(stream) => {
+                        certificates.insert(served_cn(&stream));
                         let mut conn = KeepAlive::open(stream).await;
                         match conn.get(addr.port()).await {
                             Ok(200) => ok += 1,
@@ -1006,24 +1106,48 @@ impl Traffic {
                     }
                     Err(e) => errors.push(format!("new connection: handshake: {e}")),
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            (ok, errors)
+            (ok, errors, certificates)
         });
         Self {
             stop,
+            served,
             keepalive,
             fresh,
         }
     }
 
-    /// Stops and returns (successes on the keep-alive connection, on new ones, every failure).
-    async fn finish(self) -> (usize, usize, Vec<String>) {
+    /// Requests served on each keep-alive connection so far.
+    fn served(&self) -> Vec<usize> {
+        self.served
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Stops and says what was seen.
+    async fn finish(self) -> Tally {
         self.stop.store(true, Ordering::Relaxed);
-        let (kept, mut errors) = self.keepalive.await.unwrap();
-        let (fresh, more) = self.fresh.await.unwrap();
-        errors.extend(more);
-        (kept, fresh, errors)
+        let (mut kept_certificates, mut errors) = (Vec::new(), Vec::new());
+        for task in self.keepalive {
+            let (certificate, failed) = task.await.unwrap();
+            kept_certificates.push(certificate);
+            errors.extend(failed);
+        }
+        let (fresh, failed, fresh_certificates) = self.fresh.await.unwrap();
+        errors.extend(failed);
+        Tally {
+            kept: self
+                .served
+                .iter()
+                .map(|n| n.load(Ordering::Relaxed))
+                .collect(),
+            fresh,
+            kept_certificates,
+            fresh_certificates,
+            errors,
+        }
     }
 }
 
@@ -1073,9 +1197,11 @@ async fn a_secret_volume_swap_is_served_to_new_connections_without_failing_a_req
     assert_eq!(sample(&text, RELOADS_OK), 0.0, "{text}");
     assert_eq!(sample(&text, EXPIRY), first_expiry as f64);
 
-    // Rotate under traffic.
+    // Rotate under traffic: four keep-alive connections (one of them HTTP/2) and new
+    // connections beside them, all busy while the volume's ..data is swapped.
     let traffic = Traffic::start(addr, &ca).await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let before_swap = traffic.served();
     let second_expiry = unix_now() + 90 * 86400;
     let second = pki.server("gateway-gen2", 0x1002, second_expiry);
     volume.update(&second.cert, &second.key);
@@ -1085,18 +1211,37 @@ async fn a_secret_volume_swap_is_served_to_new_connections_without_failing_a_req
         took <= Duration::from_secs(2),
         "the new certificate took {took:?}: the directory watch did not see the swap"
     );
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let (kept, fresh, errors) = traffic.finish().await;
+    let at_new = traffic.served();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let seen = traffic.finish().await;
     assert!(
-        errors.is_empty(),
-        "requests failed during the rotation: {errors:#?}"
-    );
-    assert!(
-        kept >= 10 && fresh >= 10,
-        "too little traffic: {kept} kept, {fresh} fresh"
+        seen.errors.is_empty(),
+        "requests failed during the rotation: {:#?}",
+        seen.errors
     );
     eprintln!(
-        "rotation: {kept} requests on one keep-alive connection, {fresh} on new ones, none failed"
+        "rotation: {:?} requests on {KEEPALIVE} keep-alive connections ({:?} before the swap, \
+         {:?} by the time new connections got the new certificate), {} on new ones, none failed",
+        seen.kept, before_swap, at_new, seen.fresh
+    );
+    for (i, ((before, at), end)) in before_swap.iter().zip(&at_new).zip(&seen.kept).enumerate() {
+        assert!(
+            *before >= 5 && end - at >= 5,
+            "keep-alive connection {i} was not busy on both sides of the swap: \
+             {before} before, {} after the new certificate was served",
+            end - at
+        );
+    }
+    assert!(seen.fresh >= 10, "too little traffic: {} fresh", seen.fresh);
+    assert_eq!(
+        seen.kept_certificates,
+        vec!["gateway-gen1"; KEEPALIVE],
+        "connections opened before the swap keep the old certificate"
+    );
+    assert_eq!(
+        seen.fresh_certificates,
+        BTreeSet::from(["gateway-gen1".to_owned(), "gateway-gen2".to_owned()]),
+        "new connections under the load were served the old certificate, then the new one"
     );
 
     assert!(served_by_openssl(addr, &ca).await.contains("serial=1002"));
@@ -1144,7 +1289,64 @@ async fn a_secret_volume_swap_is_served_to_new_connections_without_failing_a_req
         v == ok_before + 1.0
     })
     .await;
-    assert_eq!(upstream.seen().len(), kept + fresh);
+    assert_eq!(
+        upstream.seen().len(),
+        seen.kept.iter().sum::<usize>() + seen.fresh
+    );
+}
+
+#[tokio::test]
+async fn a_pair_left_broken_is_counted_and_logged_once_saying_why() {
+    let dir = TempDir::new("broken-log");
+    let pki = Pki::new(&dir, "main");
+    let mut volume = SecretVolume::new(&pki.server("logged-gen1", 1, next_year()));
+    // Re-read every second, and on every event in the volume's directory.
+    let toml = tls_table(
+        &volume.cert(),
+        &volume.key(),
+        None,
+        "reload_interval = \"1s\"\n",
+    );
+    let upstream = Upstream::start(Reply::Ok).await;
+    let bin = Binary::start(binary_path(), &upstream.url(), &toml, &[]).await;
+    let stranger = KeyPair::generate().unwrap().serialize_pem();
+    volume.update(&pki.server("logged-gen2", 2, next_year()).cert, &stranger);
+    await_metric(bin.admin, RELOADS_FAILED, Duration::from_secs(5), |v| {
+        v >= 1.0
+    })
+    .await;
+    // The same broken pair, re-read on directory events and on the timer.
+    for i in 0..8 {
+        volume.dir.write("unrelated", &i.to_string());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let text = metrics(bin.admin).await;
+    assert_eq!(
+        sample(&text, RELOADS_FAILED),
+        1.0,
+        "the same broken pair was counted on every re-read:\n{text}"
+    );
+    let log = bin.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("TLS files could not be reloaded"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning for one broken pair:\n{log}");
+    let key = volume.key().display().to_string();
+    assert!(
+        warnings[0].contains("the key does not match the certificate")
+            && warnings[0].contains(&key),
+        "the warning does not say why, naming the file: {}",
+        warnings[0]
+    );
+    until_served(
+        bin.addr,
+        &pki.ca_file,
+        "logged-gen1",
+        Duration::from_secs(1),
+    )
+    .await;
 }
 
 #[tokio::test]
