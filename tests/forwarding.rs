@@ -979,6 +979,37 @@ async fn waiting_requests_are_served_first_come_first_served() {
 }
 
 #[tokio::test]
+async fn a_pipelined_backlog_does_not_delay_another_connections_request() {
+    // One upstream slot, an upstream taking 100 ms. A connection pipelines ten requests in one
+    // write; another sends one while the first of them is in the upstream's hands. hyper serves
+    // a connection's requests one at a time, so the backlog holds one slot and one place in the
+    // queue at a time, and the queue is first come, first served (a request arriving as a slot
+    // frees, like the backlog's next, does not overtake one already waiting): the other
+    // connection's request goes upstream second, not eleventh.
+    let toml = "[timeouts]\nupstream_queue = \"5s\"\n[limits]\nmax_upstream_connections = 1\n";
+    let (upstream, proxy) = support::pair(Reply::Slow(Duration::from_millis(100)), toml).await;
+    let mut backlog = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let pipelined: String = (0..10)
+        .map(|i| format!("GET /v3/p1/volumes/a{i} HTTP/1.1\r\nHost: x\r\n\r\n"))
+        .collect();
+    backlog.write_all(pipelined.as_bytes()).await.unwrap();
+    while upstream.seen().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let other = send(
+        Version::HTTP_11,
+        "GET",
+        &proxy.url("/v3/p1/volumes/b"),
+        &[],
+        "",
+    )
+    .await;
+    assert_eq!(other.status, StatusCode::OK);
+    let order: Vec<String> = upstream.seen().iter().map(|s| s.target.clone()).collect();
+    assert_eq!(order[..2], ["/v3/p1/volumes/a0", "/v3/p1/volumes/b"], "{order:?}");
+}
+
+#[tokio::test]
 async fn a_reader_that_stops_holds_no_upstream_slot() {
     let toml = format!("{FAST_TIMEOUTS}\n[limits]\nmax_upstream_connections = 1\n");
     let (_upstream, proxy) = support::pair(Reply::Large(64 * MIB), &toml).await;
