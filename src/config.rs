@@ -178,10 +178,11 @@ impl Default for PolicyConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ForwardingConfig {
-    /// Set X-Forwarded-For, -Proto, -Host and Forwarded for the upstream.
+    /// Set X-Forwarded-For, -Proto and -Host for the upstream, and remove an untrusted peer's
+    /// Forwarded or append to a trusted one's ([`crate::headers::add_forwarded`]).
     pub x_forwarded: bool,
-    /// Peers (CIDRs) whose forwarding headers are kept and appended to; anyone else's are
-    /// overwritten.
+    /// Peers (CIDRs) whose forwarding headers are kept and appended to; anyone else's
+    /// X-Forwarded-* are overwritten and its Forwarded removed.
     pub trusted_proxies: Vec<Cidr>,
 }
 
@@ -416,6 +417,107 @@ impl std::fmt::Display for Problem {
     }
 }
 
+/// A duration, a count or a size in bytes, as a key's value and its bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd)]
+enum Amount {
+    Time(Duration),
+    Count(u64),
+    Bytes(u64),
+}
+
+impl std::fmt::Display for Amount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Self::Time(d) => write!(f, "{}", humantime::format_duration(d)),
+            Self::Count(n) => write!(f, "{n}"),
+            Self::Bytes(n) => match [(30, "GiB"), (20, "MiB"), (10, "KiB")]
+                .into_iter()
+                .find(|(shift, _)| n >> shift > 0 && n % (1 << shift) == 0)
+            {
+                Some((shift, unit)) => write!(f, "{n} ({} {unit})", n >> shift),
+                None => write!(f, "{n}"),
+            },
+        }
+    }
+}
+
+/// The values one key may take: `min..=max`, and 0 too when the key reads 0 as "off".
+#[derive(Debug, Clone, Copy)]
+struct Bound {
+    key: &'static str,
+    value: Amount,
+    min: Amount,
+    max: Amount,
+    /// What 0 means, when it is allowed below `min`.
+    zero: Option<&'static str>,
+}
+
+impl Bound {
+    fn time(key: &'static str, value: Duration, min: Duration, max: Duration) -> Self {
+        Self::new(
+            key,
+            Amount::Time(value),
+            Amount::Time(min),
+            Amount::Time(max),
+        )
+    }
+
+    fn count(key: &'static str, value: impl TryInto<u64>, min: u64, max: u64) -> Self {
+        // A value past u64 (none on 64-bit hosts) is past every ceiling.
+        let value = value.try_into().unwrap_or(u64::MAX);
+        Self::new(
+            key,
+            Amount::Count(value),
+            Amount::Count(min),
+            Amount::Count(max),
+        )
+    }
+
+    fn bytes(key: &'static str, value: usize, min: usize, max: usize) -> Self {
+        let wide = |n: usize| Amount::Bytes(u64::try_from(n).unwrap_or(u64::MAX));
+        Self::new(key, wide(value), wide(min), wide(max))
+    }
+
+    fn new(key: &'static str, value: Amount, min: Amount, max: Amount) -> Self {
+        Self {
+            key,
+            value,
+            min,
+            max,
+            zero: None,
+        }
+    }
+
+    fn or_zero(self, meaning: &'static str) -> Self {
+        Self {
+            zero: Some(meaning),
+            ..self
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let zero = match self.value {
+            Amount::Time(d) => d.is_zero(),
+            Amount::Count(n) | Amount::Bytes(n) => n == 0,
+        };
+        if (self.min..=self.max).contains(&self.value) || (zero && self.zero.is_some()) {
+            return Ok(());
+        }
+        let (min, max, value) = (self.min, self.max, self.value);
+        Err(match self.zero {
+            Some(meaning) => {
+                let zero = if let Amount::Time(_) = value {
+                    "0s"
+                } else {
+                    "0"
+                };
+                format!("must be {zero} ({meaning}) or from {min} to {max}, not {value}")
+            }
+            None => format!("must be from {min} to {max}, not {value}"),
+        })
+    }
+}
+
 /// The problems of a config, one a line when there are several.
 struct Problems<'a>(&'a [Problem]);
 
@@ -494,63 +596,27 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks what no single key can check on its own, and reports every problem at once.
+    /// Checks every duration and limit against its bounds ([`Config::bounds`]), and what no
+    /// single key can check on its own, and reports every problem at once.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         let mut invalid = |key: &str, reason: &str| problems.push(Problem::new(key, reason));
-        let p = &self.policy;
-        if p.max_body_bytes == 0 {
-            invalid("policy.max_body_bytes", "must be greater than 0");
+        for bound in self.bounds() {
+            if let Err(reason) = bound.check() {
+                invalid(bound.key, &reason);
+            }
         }
-        if p.max_field_bytes == 0 {
-            invalid("policy.max_field_bytes", "must be greater than 0");
-        }
-        if p.reserved_prefixes.iter().any(String::is_empty) {
+        if self.policy.reserved_prefixes.iter().any(String::is_empty) {
             invalid(
                 "policy.reserved_prefixes",
                 "an empty prefix would reserve every name",
             );
-        }
-        if self.limits.max_connections == 0 {
-            invalid("limits.max_connections", "must be greater than 0");
-        }
-        if self.limits.max_upstream_connections == 0 {
-            invalid("limits.max_upstream_connections", "must be greater than 0");
-        }
-        let t = &self.timeouts;
-        // Zero would refuse every request, close every connection after one, or panic a
-        // timer; only the keepalive may be off.
-        for (key, value) in [
-            ("timeouts.request_header", t.request_header),
-            ("timeouts.request_body", t.request_body),
-            ("timeouts.upstream_connect", t.upstream_connect),
-            ("timeouts.upstream_response", t.upstream_response),
-            ("timeouts.upstream_idle", t.upstream_idle),
-            ("timeouts.idle", t.idle),
-            ("timeouts.body_idle", t.body_idle),
-            ("timeouts.upstream_queue", t.upstream_queue),
-        ] {
-            if value.is_zero() {
-                invalid(key, "must be greater than 0s");
-            }
         }
         if self.limits.buffer_memory < self.limits.buffer_response_body {
             invalid(
                 "limits.buffer_memory",
                 "must be at least limits.buffer_response_body",
             );
-        }
-        // hyper refuses buffers under 8 KiB; say so here rather than panic at start.
-        if self.limits.max_header_bytes < 8192 {
-            invalid("limits.max_header_bytes", "must be at least 8192");
-        }
-        if let Some(tls) = &self.tls {
-            if tls.handshake_timeout.is_zero() {
-                invalid("tls.handshake_timeout", "must be greater than 0s");
-            }
-            if tls.reload_interval.is_zero() {
-                invalid("tls.reload_interval", "must be greater than 0s");
-            }
         }
         if let Some(signing) = &self.upstream.signing {
             use crate::signing::Downstream;
@@ -566,12 +632,6 @@ impl Config {
                 invalid(
                     "upstream.signing.clients",
                     "downstream = \"verify\" needs at least one [[upstream.signing.clients]] key",
-                );
-            }
-            if signing.reload_interval.is_zero() {
-                invalid(
-                    "upstream.signing.reload_interval",
-                    "must be greater than 0s",
                 );
             }
             if self.upstream.preserve_host {
@@ -640,6 +700,81 @@ impl Config {
         } else {
             Err(ConfigError::Invalid(problems))
         }
+    }
+
+    /// Every duration and numeric limit with the values it may take, in one table: the floor
+    /// keeps a timer from spinning or a limit from refusing everything, the ceiling keeps
+    /// `Instant + Duration` from overflowing and a size from allocating more than any host has.
+    /// Each row's reason is the comment above it; `config/snapguard.toml` says the same.
+    #[rustfmt::skip] // A table: one row a key.
+    fn bounds(&self) -> Vec<Bound> {
+        const MS: Duration = Duration::from_millis(1);
+        const SECOND: Duration = Duration::from_secs(1);
+        const HOUR: Duration = Duration::from_secs(3600);
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        const KIB: usize = 1024;
+        const MIB: usize = 1024 * KIB;
+        use Bound as B;
+        let (t, l, p) = (&self.timeouts, &self.limits, &self.policy);
+        let mut bounds = vec![
+            // tokio builds a runtime of any size; more threads than this is a typo.
+            B::count("workers", self.workers, 1, 1024).or_zero("one per CPU"),
+            // Each tick reads the file and compares it: 10 a second at most costs nothing.
+            B::time("reload_interval", self.reload_interval, 100 * MS, DAY)
+                .or_zero("reload on SIGHUP only"),
+            // Waits on the downstream: under 100 ms cuts honest peers a round trip away (and
+            // closes keep-alive connections between requests). A request head, a standing
+            // body or the grace before the rate counts taking an hour is no client's.
+            B::time("timeouts.request_header", t.request_header, 100 * MS, HOUR),
+            B::time("timeouts.request_body", t.request_body, 100 * MS, DAY),
+            B::time("timeouts.idle", t.idle, 100 * MS, DAY),
+            B::time("timeouts.body_idle", t.body_idle, 100 * MS, HOUR),
+            B::time("timeouts.min_rate_grace", t.min_rate_grace, 100 * MS, HOUR),
+            // Waits on the upstream: a local one answers within a millisecond.
+            B::time("timeouts.upstream_connect", t.upstream_connect, MS, HOUR),
+            B::time("timeouts.upstream_response", t.upstream_response, MS, DAY),
+            B::time("timeouts.upstream_queue", t.upstream_queue, MS, HOUR),
+            // The pool is reaped every upstream_idle: 10 a second at most.
+            B::time("timeouts.upstream_idle", t.upstream_idle, 100 * MS, DAY),
+            // 0s is a legitimate choice: close what is left at once.
+            B::time("timeouts.shutdown_grace", t.shutdown_grace, Duration::ZERO, HOUR),
+            // The kernel counts TCP_KEEPIDLE in whole seconds, at most 32767 on Linux.
+            B::time("timeouts.tcp_keepalive", t.tcp_keepalive, SECOND, 32767 * SECOND)
+                .or_zero("off"),
+            // hyper refuses a read buffer under 8 KiB; a request head over 1 MiB is an attack.
+            B::bytes("limits.max_header_bytes", l.max_header_bytes, 8 * KIB, MIB),
+            // A semaphore of this many permits (tokio panics above usize::MAX >> 3); more than
+            // the file descriptors any host gives one process.
+            B::count("limits.max_connections", l.max_connections, 1, 1_000_000),
+            // A pool slot each is allocated at start; one upstream address has ~64K ports.
+            B::count("limits.max_upstream_connections", l.max_upstream_connections, 1, 65_536),
+            // 0: no queue, 503 when every slot is taken. Each waiter holds a request.
+            B::count("limits.max_upstream_waiting", l.max_upstream_waiting, 0, 1_000_000),
+            // Buffered bodies are held whole in memory, each (0: every body streams).
+            B::bytes("limits.buffer_request_body", l.buffer_request_body, 0, 64 * MIB),
+            B::bytes("limits.buffer_response_body", l.buffer_response_body, 0, 64 * MIB),
+            // Past any host's memory (0: no response is buffered).
+            B::bytes("limits.buffer_memory", l.buffer_memory, 0, 64 * 1024 * MIB),
+            // Bytes per second (0: no minimum); faster than this cuts bodies on any real link.
+            B::count("limits.min_body_rate", l.min_body_rate, 0, 1 << 30),
+            // A policed body is held whole in memory and parsed; 0 would refuse every body.
+            B::bytes("policy.max_body_bytes", p.max_body_bytes, 1, 64 * MIB),
+            // No field is longer than the largest body.
+            B::bytes("policy.max_field_bytes", p.max_field_bytes, 1, 64 * MIB),
+        ];
+        if let Some(tls) = &self.tls {
+            bounds.extend([
+                B::time("tls.handshake_timeout", tls.handshake_timeout, 100 * MS, HOUR),
+                // Each tick re-reads and parses the certificate and key files.
+                B::time("tls.reload_interval", tls.reload_interval, SECOND, DAY),
+            ]);
+        }
+        if let Some(signing) = &self.upstream.signing {
+            // Each tick re-reads the key files.
+            let every = signing.reload_interval;
+            bounds.push(B::time("upstream.signing.reload_interval", every, SECOND, DAY));
+        }
+        bounds
     }
 
     /// What a rule's `routes` may name instead of `unknown`: the nearest template when one has
@@ -953,8 +1088,8 @@ mod tests {
         assert_eq!(
             at,
             [
-                ("limits.max_connections", Some((2, 19))),
-                ("limits.max_header_bytes", Some((3, 20)))
+                ("limits.max_header_bytes", Some((3, 20))),
+                ("limits.max_connections", Some((2, 19)))
             ]
         );
         // A key the file does not write has no position: here, a default.
@@ -968,6 +1103,84 @@ mod tests {
             ConfigError::Invalid(got).to_string(),
             "invalid config: admin: must differ from listen"
         );
+    }
+
+    #[test]
+    fn every_duration_and_limit_is_held_to_its_bounds() {
+        for (text, key, says) in [
+            (
+                "workers = 1025",
+                "workers",
+                "must be 0 (one per CPU) or from 1 to 1024, not 1025",
+            ),
+            (
+                "reload_interval = \"1ns\"",
+                "reload_interval",
+                "or from 100ms to 1day, not 1ns",
+            ),
+            (
+                "[timeouts]\nupstream_idle = \"0s\"",
+                "timeouts.upstream_idle",
+                "not 0s",
+            ),
+            (
+                "[timeouts]\nidle = \"99ms\"",
+                "timeouts.idle",
+                "from 100ms to 1day, not 99ms",
+            ),
+            (
+                "[timeouts]\nupstream_response = \"25h\"",
+                "timeouts.upstream_response",
+                "1day",
+            ),
+            (
+                "[timeouts]\nshutdown_grace = \"61m\"",
+                "timeouts.shutdown_grace",
+                "to 1h",
+            ),
+            (
+                "[timeouts]\ntcp_keepalive = \"500ms\"",
+                "timeouts.tcp_keepalive",
+                "0s (off)",
+            ),
+            (
+                "[limits]\nmin_body_rate = 1073741825",
+                "limits.min_body_rate",
+                "to 1073741824",
+            ),
+            (
+                "[limits]\nbuffer_request_body = 67108865",
+                "limits.buffer_request_body",
+                "MiB",
+            ),
+            (
+                "[policy]\nmax_field_bytes = 0",
+                "policy.max_field_bytes",
+                "from 1 to",
+            ),
+            (
+                "[tls]\ncert_file = \"c\"\nkey_file = \"k\"\nreload_interval = \"999ms\"",
+                "tls.reload_interval",
+                "from 1s to 1day",
+            ),
+            (
+                "[upstream.signing]\nscheme = \"sdk-hmac-sha256\"\nreload_interval = \"0s\"",
+                "upstream.signing.reload_interval",
+                "from 1s to 1day",
+            ),
+        ] {
+            let got = problems(text);
+            assert!(
+                got.iter().any(|p| p.key == key && p.reason.contains(says)),
+                "{text:?}: {got:?}"
+            );
+        }
+        // 0 where it means "off", and each bound itself, are accepted.
+        let ok = "workers = 0\nreload_interval = \"0s\"\n[timeouts]\nshutdown_grace = \"0s\"\n\
+                  tcp_keepalive = \"0s\"\nupstream_idle = \"100ms\"\n[limits]\n\
+                  max_upstream_waiting = 0\nbuffer_request_body = 0\nbuffer_response_body = 0\n\
+                  buffer_memory = 0\nmin_body_rate = 0\nmax_header_bytes = 1048576\n";
+        Config::from_toml(ok).unwrap();
     }
 
     #[test]

@@ -13,7 +13,7 @@ use http::{header, HeaderValue, Response, StatusCode};
 use crate::body::ProxyBody;
 use crate::config::ErrorsConfig;
 use crate::lifetime::Stall;
-use crate::policy::Violation;
+use crate::policy::{abbreviate, Violation};
 use crate::route::ErrorStyle;
 use crate::signing::AuthError;
 use crate::upstream::{BoxError, ConnectError};
@@ -32,12 +32,12 @@ pub enum Error {
     /// A streamed request body stood still or crawled past its pace.
     #[error("request body cut: {0}")]
     BodyStalled(#[source] Stall),
-    #[error("request target {0:?} cannot be forwarded")]
+    #[error("request target {shown:?} cannot be forwarded", shown = abbreviate(.0))]
     BadTarget(String),
     /// An HTTP/1.1 request without exactly one plain `host[:port]` (RFC 9112 section 3.2).
     #[error("invalid request: {0}")]
     BadHost(&'static str),
-    #[error("method {0} is not proxied")]
+    #[error("method {shown} is not proxied", shown = abbreviate(.0.as_str()))]
     Method(http::Method),
     /// Its text says what failed, where, and the likely fix: for the log, never the downstream.
     #[error(transparent)]
@@ -133,7 +133,10 @@ impl Error {
             }
             Self::BadTarget(_) => "The request target cannot be forwarded.".to_owned(),
             Self::BadHost(why) => format!("Invalid request: {why}."),
-            Self::Method(m) => format!("The method {m} is not supported by this proxy."),
+            Self::Method(m) => format!(
+                "The method {} is not supported by this proxy.",
+                abbreviate(m.as_str())
+            ),
             Self::UpstreamConnect(_) | Self::Upstream(_) => {
                 "The block storage service could not be reached.".to_owned()
             }
@@ -247,6 +250,22 @@ mod tests {
             assert_eq!(status.as_u16(), code);
             assert_eq!(body[name]["code"], code, "{body}");
             assert_eq!(body[name]["message"], message);
+        }
+    }
+
+    #[test]
+    fn request_data_is_quoted_in_part() {
+        let method = http::Method::from_bytes(&[b'X'; 8192]).unwrap();
+        for e in [
+            Error::Method(method),
+            Error::BadTarget("/".repeat(8192)),
+            Error::from(Violation::ContentType("x".repeat(65536))),
+            Error::from(Violation::ContentEncoding("x".repeat(65536))),
+        ] {
+            // What the downstream is told, and what the log says.
+            let (shown, logged) = (e.public_message(), e.to_string());
+            assert!(shown.len() < 200, "{shown}");
+            assert!(logged.len() < 200 && logged.contains("..."), "{logged}");
         }
     }
 

@@ -115,6 +115,33 @@ fn check_takes_headers_and_the_configured_policy() {
     assert!(stderr(&o).contains("status: 415"), "{}", stderr(&o));
 }
 
+/// A refusal quotes a header in part: a 64 KiB Content-Type must not come back whole.
+#[test]
+fn check_quotes_a_long_media_header_in_part() {
+    let long = "x".repeat(64 * 1024);
+    for (header, says) in [
+        (
+            "Content-Type: text/",
+            "Unsupported Content-Type \\\"text/xxx",
+        ),
+        (
+            "Content-Encoding: gzip",
+            "Unsupported Content-Encoding \\\"gzipxxx",
+        ),
+    ] {
+        let header = format!("{header}{long}");
+        let o = run(
+            &["check", "-H", &header, "PUT", "/v3/p/snapshots/s"],
+            r#"{"snapshot":{"name":"a"}}"#,
+        );
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        let body = stdout(&o);
+        assert!(body.len() < 400, "{} bytes: {body}", body.len());
+        assert!(body.contains(says) && body.contains("...\\\""), "{body}");
+        assert!(stderr(&o).contains("status: 415"), "{}", stderr(&o));
+    }
+}
+
 /// `--config` goes before `check` or after it (the nearer one wins), or comes from
 /// SNAPGUARD_CONFIG.
 #[test]
@@ -471,8 +498,8 @@ fn check_config_reports_every_problem_at_once_each_with_its_line_and_column() {
     let err = stderr(&o);
     for line in [
         "invalid config, 5 errors:",
-        "policy.max_body_bytes (line 2, column 18): must be greater than 0",
-        "timeouts.idle (line 5, column 8): must be greater than 0s",
+        "policy.max_body_bytes (line 2, column 18): must be from 1 to 67108864 (64 MiB), not 0",
+        "timeouts.idle (line 5, column 8): must be from 100ms to 1day, not 0s",
         "rules[0].fields (line 9, column 10): rule 'team': no route polices the field \"title\"",
         "rules[1].name (line 14, column 8): rule name 'team' is used twice",
         "rules[1].routes[1] (line 16, column 41): rule 'team': /v3/{project}/snapshots/{id} is \
@@ -480,6 +507,229 @@ fn check_config_reports_every_problem_at_once_each_with_its_line_and_column() {
     ] {
         assert!(err.contains(line), "no {line:?} in:\n{err}");
     }
+}
+
+/// Every duration and limit with its bounds as `config/snapguard.toml` gives them: the least
+/// and the greatest value accepted, and the nearest refused on either side (`-`: none below, 0
+/// being accepted as "off"). A value that is not a number is a duration, written quoted.
+const BOUNDS: &str = "\
+    workers                           1      1024         -      1025
+    reload_interval                   100ms  1day         99ms   86401s
+    timeouts.request_header           100ms  1h           99ms   3601s
+    timeouts.request_body             100ms  1day         99ms   86401s
+    timeouts.upstream_connect         1ms    1h           999us  3601s
+    timeouts.upstream_response        1ms    1day         999us  86401s
+    timeouts.upstream_queue           1ms    1h           999us  3601s
+    timeouts.upstream_idle            100ms  1day         99ms   86401s
+    timeouts.idle                     100ms  1day         99ms   86401s
+    timeouts.shutdown_grace           0s     1h           -      3601s
+    timeouts.body_idle                100ms  1h           99ms   3601s
+    timeouts.min_rate_grace           100ms  1h           99ms   3601s
+    timeouts.tcp_keepalive            1s     32767s       999ms  32768s
+    limits.max_header_bytes           8192   1048576      8191   1048577
+    limits.max_connections            1      1000000      0      1000001
+    limits.max_upstream_connections   1      65536        0      65537
+    limits.max_upstream_waiting       0      1000000      -      1000001
+    limits.buffer_request_body        0      67108864     -      67108865
+    limits.buffer_response_body       0      67108864     -      67108865
+    limits.buffer_memory              0      68719476736  -      68719476737
+    limits.min_body_rate              0      1073741824   -      1073741825
+    policy.max_body_bytes             1      67108864     0      67108865
+    policy.max_field_bytes            1      67108864     0      67108865
+    tls.handshake_timeout             100ms  1h           99ms   3601s
+    tls.reload_interval               1s     1day         999ms  86401s
+    upstream.signing.reload_interval  1s     1day         999ms  86401s";
+
+/// The rows of [`BOUNDS`]: key, least, most, nearest below, nearest above.
+fn bounds() -> Vec<[&'static str; 5]> {
+    BOUNDS
+        .lines()
+        .map(|line| {
+            line.split_whitespace()
+                .collect::<Vec<_>>()
+                .try_into()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// A config setting each key of [`BOUNDS`] to column `column` of its row (not at all for
+/// `-`), with a certificate, a key and cloud keys written to `dir` for `[tls]` and
+/// `[upstream.signing]`.
+fn bounds_config(dir: &std::path::Path, column: usize) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let file = |name: &str, content: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, content).unwrap();
+        format!("{:?}", path.to_str().unwrap())
+    };
+    let mut sections = std::collections::BTreeMap::<&str, Vec<String>>::new();
+    sections.entry("tls").or_default().extend([
+        format!("cert_file = {}", file("tls.crt", &cert.cert.pem())),
+        format!(
+            "key_file = {}",
+            file("tls.key", &cert.signing_key.serialize_pem())
+        ),
+    ]);
+    sections.entry("upstream.signing").or_default().extend([
+        "scheme = \"sdk-hmac-sha256\"".to_owned(),
+        format!("access_key_file = {}", file("ak", "AK")),
+        format!("secret_key_file = {}", file("sk", "SK")),
+        format!("project_id_file = {}", file("project", "p")),
+    ]);
+    for row in bounds() {
+        let (section, key) = row[0].rsplit_once('.').unwrap_or(("", row[0]));
+        let value = match row[column] {
+            "-" => continue,
+            n if n.bytes().all(|b| b.is_ascii_digit()) => n.to_owned(),
+            duration => format!("{duration:?}"),
+        };
+        sections
+            .entry(section)
+            .or_default()
+            .push(format!("{key} = {value}"));
+    }
+    // The top level ("") sorts first, before any table.
+    sections
+        .iter()
+        .map(|(section, lines)| match *section {
+            "" => format!("{}\n", lines.join("\n")),
+            _ => format!("\n[{section}]\n{}\n", lines.join("\n")),
+        })
+        .collect()
+}
+
+#[test]
+fn check_config_accepts_every_duration_and_limit_at_its_bounds() {
+    let dir = std::env::temp_dir().join(format!("snapguard-cli-bounds-{}", std::process::id()));
+    for (column, name) in [(1, "least"), (2, "most")] {
+        let toml = bounds_config(&dir, column);
+        let o = check_config(name, &toml);
+        assert_eq!(o.status.code(), Some(0), "{name}:\n{toml}\n{}", stderr(&o));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn check_config_refuses_every_duration_and_limit_past_its_bounds() {
+    let dir = std::env::temp_dir().join(format!("snapguard-cli-past-{}", std::process::id()));
+    for (column, name) in [(3, "below"), (4, "above")] {
+        let toml = bounds_config(&dir, column);
+        let o = check_config(name, &toml);
+        assert_eq!(o.status.code(), Some(64), "{name}:\n{toml}");
+        let err = stderr(&o);
+        let past: Vec<_> = bounds()
+            .into_iter()
+            .filter(|row| row[column] != "-")
+            .collect();
+        let count = format!("invalid config, {} errors:", past.len());
+        assert!(err.contains(&count), "{name}: not {count:?}\n{err}");
+        for row in past {
+            let named = format!("\n  {} (line ", row[0]);
+            assert!(err.contains(&named), "{name}: {} not named:\n{err}", row[0]);
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn check_config_names_each_out_of_bounds_value_at_its_line() {
+    let header_bytes = "must be from 8192 (8 KiB) to 1048576 (1 MiB), not";
+    for (toml, at, reason) in [
+        // The first panic case: tokio's interval panics at 0.
+        (
+            "[timeouts]\nupstream_idle = \"0s\"",
+            "timeouts.upstream_idle (line 2, column 17)",
+            "must be from 100ms to 1day, not 0s",
+        ),
+        (
+            "[timeouts]\nupstream_idle = \"1ns\"",
+            "timeouts.upstream_idle (line 2, column 17)",
+            "must be from 100ms to 1day, not 1ns",
+        ),
+        (
+            "[timeouts]\nidle = \"1ns\"",
+            "timeouts.idle (line 2, column 8)",
+            "must be from 100ms to 1day, not 1ns",
+        ),
+        // Instant + this overflows.
+        (
+            "[timeouts]\nrequest_body = \"300000000000y\"",
+            "timeouts.request_body (line 2, column 16)",
+            "must be from 100ms to 1day, not 300000000000years",
+        ),
+        (
+            "[limits]\nmax_connections = 9223372036854775807",
+            "limits.max_connections (line 2, column 19)",
+            "must be from 1 to 1000000, not 9223372036854775807",
+        ),
+        (
+            "workers = 100000",
+            "workers (line 1, column 11)",
+            "must be 0 (one per CPU) or from 1 to 1024, not 100000",
+        ),
+        (
+            "[limits]\nmax_header_bytes = 4096",
+            "limits.max_header_bytes (line 2, column 20)",
+            &format!("{header_bytes} 4096 (4 KiB)"),
+        ),
+        (
+            "[limits]\nmax_header_bytes = 9223372036854775807",
+            "limits.max_header_bytes (line 2, column 20)",
+            &format!("{header_bytes} 9223372036854775807"),
+        ),
+    ] {
+        let o = check_config("one", toml);
+        assert_eq!(o.status.code(), Some(64), "{toml}");
+        assert_eq!(
+            stderr(&o),
+            format!("snapguard: invalid config: {at}: {reason}\n")
+        );
+    }
+}
+
+/// The proxy refuses to start on a value out of bounds, from the file or a flag, as
+/// check-config does (exit 64), before it binds anything.
+#[test]
+fn the_proxy_refuses_to_start_on_a_value_out_of_bounds() {
+    let dir = std::env::temp_dir().join(format!("snapguard-cli-start-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("snapguard.toml");
+    std::fs::write(&file, "[timeouts]\nupstream_idle = \"0s\"\n").unwrap();
+    for (args, says) in [
+        (
+            vec!["--config", file.to_str().unwrap()],
+            "timeouts.upstream_idle (line 2, column 17)",
+        ),
+        (
+            vec!["--threads", "5000"],
+            "workers: must be 0 (one per CPU) or from 1 to 1024, not 5000",
+        ),
+    ] {
+        let mut child = Command::new(BIN)
+            .args(&args)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.2:0"])
+            .env_remove("SNAPGUARD_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A proxy that started would run until killed: give it a deadline.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                panic!("{args:?}: the proxy started");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(64), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{args:?}: {}", stderr(&o));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

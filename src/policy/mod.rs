@@ -78,9 +78,15 @@ pub enum Verdict {
 pub enum Violation {
     #[error("Request body is larger than {limit} bytes.")]
     BodyTooLarge { limit: usize },
-    #[error("Unsupported Content-Encoding {0:?}: a policed body must not be encoded.")]
+    #[error(
+        "Unsupported Content-Encoding {shown:?}: a policed body must not be encoded.",
+        shown = abbreviate(.0)
+    )]
     ContentEncoding(String),
-    #[error("Unsupported Content-Type {0:?}: a policed body must be JSON in UTF-8.")]
+    #[error(
+        "Unsupported Content-Type {shown:?}: a policed body must be JSON in UTF-8.",
+        shown = abbreviate(.0)
+    )]
     ContentType(String),
     #[error("Malformed request body: {0}.")]
     Malformed(String),
@@ -168,9 +174,10 @@ impl Violation {
 }
 
 /// Long values are echoed in errors only in part: the message stays readable and bounded.
-/// Every value a refusal quotes from the body goes through here: a refusal must not cost more
-/// than the request (a 64 KiB value echoed twice would make a 128 KiB answer).
-fn abbreviate(value: &str) -> Cow<'_, str> {
+/// Every value a refusal (or an error's log line) quotes from the request goes through here,
+/// from the body, a header or the request line: a refusal must not cost more than the request
+/// (a 64 KiB value echoed twice would make a 128 KiB answer).
+pub(crate) fn abbreviate(value: &str) -> Cow<'_, str> {
     const SHOWN: usize = 64;
     match value.char_indices().nth(SHOWN) {
         Some((cut, _)) => Cow::Owned(format!("{}...", &value[..cut])),
