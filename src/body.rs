@@ -36,8 +36,6 @@ pub struct ProxyBody {
     /// Boxed: a stream is some 300 bytes, and a body is moved several times on its way, while
     /// most bodies (every small one, every GET's) have none.
     rest: Option<Box<Stream>>,
-    /// Buffered bytes counted against `limits.buffer_memory` while this body holds them.
-    budget: Option<crate::lifetime::Reservation>,
 }
 
 impl ProxyBody {
@@ -64,7 +62,6 @@ impl ProxyBody {
         Self {
             prefix: Some(prefix),
             rest: Some(Box::new(Watched::new(rest, pace))),
-            ..Self::default()
         }
     }
 
@@ -73,7 +70,6 @@ impl ProxyBody {
         Self {
             prefix: Some(prefix),
             rest: Some(Box::new(rest)),
-            ..Self::default()
         }
     }
 
@@ -83,12 +79,6 @@ impl ProxyBody {
             return None;
         }
         Some(self.prefix.as_deref().unwrap_or_default())
-    }
-
-    /// Counts buffered bytes against the memory budget until this body is dropped.
-    pub fn budgeted(mut self, reservation: crate::lifetime::Reservation) -> Self {
-        self.budget = Some(reservation);
-        self
     }
 
     /// Whether the next frame is the buffered prefix (counted by whoever read it).

@@ -250,6 +250,29 @@ impl Reservation {
             self.n = n;
         }
     }
+
+    /// `bytes`, counted against the budget until the last of them is dropped: once hyper has
+    /// written them out, not when it took them from the body (a response handed to hyper in
+    /// one frame waits in its write queue for as long as the reader takes).
+    pub fn hold(mut self, bytes: Bytes) -> Bytes {
+        self.shrink_to(bytes.len());
+        Bytes::from_owner(Held {
+            bytes,
+            _reservation: self,
+        })
+    }
+}
+
+/// Bytes and the reservation that counts them, dropped together.
+struct Held {
+    bytes: Bytes,
+    _reservation: Reservation,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 impl Drop for Reservation {

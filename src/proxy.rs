@@ -419,7 +419,7 @@ impl Proxy {
             None => Some(limits.buffer_response_body),
         };
         let reservation = wanted.and_then(|n| self.budget.reserve(n, limits.buffer_memory));
-        let Some(mut reservation) = reservation else {
+        let Some(reservation) = reservation else {
             let body = Gather::relay(body);
             return Ok(Leased::new(
                 ProxyBody::stream(body, pace),
@@ -431,8 +431,7 @@ impl Proxy {
         let read = read_bounded(body, limits.buffer_response_body, None);
         match read.await.map_err(Error::UpstreamBody)? {
             Read::Whole(bytes) => {
-                reservation.shrink_to(bytes.len());
-                let body = ProxyBody::full(bytes).budgeted(reservation);
+                let body = ProxyBody::full(reservation.hold(bytes));
                 Ok(Leased::new(body, lease, request.clone()))
             }
             // Unknown length, and more than fits: the rest streams after what was read.

@@ -1006,7 +1006,81 @@ async fn a_pipelined_backlog_does_not_delay_another_connections_request() {
     .await;
     assert_eq!(other.status, StatusCode::OK);
     let order: Vec<String> = upstream.seen().iter().map(|s| s.target.clone()).collect();
-    assert_eq!(order[..2], ["/v3/p1/volumes/a0", "/v3/p1/volumes/b"], "{order:?}");
+    assert_eq!(
+        order[..2],
+        ["/v3/p1/volumes/a0", "/v3/p1/volumes/b"],
+        "{order:?}"
+    );
+}
+
+/// Sends `GET /v3/p1/volumes` on a connection whose receive buffer is 4 KiB, reads the
+/// response head and nothing more; the connection is returned, to be kept open.
+async fn request_and_read_nothing(proxy: &Proxy) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 1024];
+    let n = stream.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stream
+}
+
+#[tokio::test]
+async fn a_small_response_frees_its_upstream_connection_whatever_the_reader_does() {
+    // 16 MiB responses, more than the sockets' buffers take, to clients that read none of it.
+    // Read whole (buffer_response_body = 16 MiB), each response frees its upstream connection
+    // at once: three such clients need one upstream connection. Streamed (0: never
+    // buffered), each holds its own.
+    for (buffer, connections) in [(16 * MIB, 1), (0, 3)] {
+        let toml = format!(
+            "[limits]\nbuffer_response_body = {buffer}\nbuffer_memory = {}\n",
+            64 * MIB
+        );
+        let (upstream, proxy) = support::pair(Reply::Large(16 * MIB), &toml).await;
+        let mut readers = Vec::new();
+        for _ in 0..3 {
+            readers.push(request_and_read_nothing(&proxy).await);
+        }
+        assert_eq!(
+            upstream.accepted(),
+            connections,
+            "buffer_response_body = {buffer}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn responses_past_the_buffer_memory_are_streamed() {
+    // Room for one 16 MiB response in memory: the first is read whole (its connection freed
+    // and reused by the second), the second is streamed (its connection held), so the third
+    // needs a second connection. Once the first reader goes, its memory is free again.
+    let toml = format!(
+        "[limits]\nbuffer_response_body = {}\nbuffer_memory = {}\n",
+        16 * MIB,
+        24 * MIB
+    );
+    let (upstream, proxy) = support::pair(Reply::Large(16 * MIB), &toml).await;
+    let first = request_and_read_nothing(&proxy).await;
+    let _second = request_and_read_nothing(&proxy).await;
+    assert_eq!(upstream.accepted(), 1);
+    let _third = request_and_read_nothing(&proxy).await;
+    assert_eq!(
+        upstream.accepted(),
+        2,
+        "the second was buffered past the memory budget"
+    );
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The first's memory is back: the fourth is read whole and frees the connection it came
+    // on (a new one: the two there are held by the second and the third), the fifth reuses it.
+    let _fourth = request_and_read_nothing(&proxy).await;
+    let _fifth = request_and_read_nothing(&proxy).await;
+    assert_eq!(upstream.accepted(), 3);
 }
 
 #[tokio::test]
@@ -1164,6 +1238,79 @@ async fn a_streamed_upload_that_stops_gets_408() {
         1.0,
     )
     .await;
+}
+
+#[tokio::test]
+async fn a_streamed_upload_slower_than_the_minimum_rate_gets_408() {
+    // 100 bytes a second, never idle for long, against a minimum of 1,000 after 500 ms.
+    let toml = "[timeouts]\nbody_idle = \"5s\"\nmin_rate_grace = \"500ms\"\nshutdown_grace = \"5s\"\n[limits]\nmin_body_rate = 1000\nbuffer_request_body = 16\n";
+    let (_upstream, proxy) = support::pair(Reply::Ok, toml).await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(b"POST /v3/p1/volumes HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut response = Vec::new();
+    let mut buf = [0u8; 1024];
+    while started.elapsed() < Duration::from_secs(5) {
+        if stream.write_all(&[b'x'; 10]).await.is_err() {
+            break;
+        }
+        match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => response.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    support::await_sample(
+        proxy.admin,
+        r#"snapguard_peers_cut_total{reason="body_too_slow"}"#,
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_http2_408_the_client_never_takes_still_closes_its_connection() {
+    // An upload that stalls gets 408; the client keeps its stream window at 0, so the 408's
+    // body can never be sent. The exchange is over all the same: the response not taken is
+    // cut after body_idle, and with it the connection.
+    let toml = "[timeouts]\nbody_idle = \"400ms\"\nshutdown_grace = \"5s\"\n[limits]\nmin_body_rate = 0\nbuffer_request_body = 16\n";
+    let (upstream, proxy) = support::pair(Reply::Ok, toml).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(0)
+            .adaptive_window(false)
+            .handshake::<_, TestBody>(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let request = http::Request::post(proxy.url("/v3/p1/volumes"))
+        .header("content-length", "1000")
+        .body(TestBody::Stall {
+            sent: 0,
+            total: 100,
+        })
+        .unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(5), sender.send_request(request))
+        .await
+        .expect("no response head")
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(ended.is_ok(), "the connection was never closed");
+    support::await_sample(
+        proxy.admin,
+        r#"snapguard_peers_cut_total{reason="send_idle"}"#,
+        1.0,
+    )
+    .await;
+    assert!(upstream.seen().len() <= 1);
+    drop(response);
 }
 
 #[tokio::test]

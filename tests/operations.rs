@@ -1139,3 +1139,58 @@ async fn memory_held_by_a_connection_storm_goes_back_to_the_system() {
         "RSS {idle} KiB idle, {peak} at the storm's peak, {after} after"
     );
 }
+
+/// The `tr` (timer) field of the TCP socket from local port `local` to remote port `remote`
+/// in /proc/net/tcp: 2 while a keepalive timer is armed, 0 for none.
+fn tcp_timer(local: u16, remote: u16) -> Option<u8> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (l, r, timer) = (fields.get(1)?, fields.get(2)?, fields.get(5)?);
+        (port(l)? == local && port(r)? == remote)
+            .then(|| timer.split(':').next()?.parse().ok())
+            .flatten()
+    })
+}
+
+#[tokio::test]
+async fn connections_have_tcp_keepalive_on_both_sides_unless_turned_off() {
+    for (toml, want) in [("", 2), ("[timeouts]\ntcp_keepalive = \"0s\"\n", 0)] {
+        let (upstream, proxy) = support::pair(Reply::Ok, toml).await;
+        let mut client = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        client
+            .write_all(b"GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 1024];
+        let n = client.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        // Downstream: the proxy's end of this connection. Upstream: the proxy's end of the
+        // pooled connection, the only one to the upstream's port not the upstream's own.
+        let downstream = tcp_timer(proxy.addr.port(), client.local_addr().unwrap().port());
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        let upstream_port = upstream.addr.port();
+        let outbound: Vec<u16> = table
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let port = |a: &str| u16::from_str_radix(a.rsplit(':').next()?, 16).ok();
+                (port(fields[2])? == upstream_port).then(|| port(fields[1]))?
+            })
+            .collect();
+        assert_eq!(
+            outbound.len(),
+            1,
+            "one pooled upstream connection: {outbound:?}"
+        );
+        let upstream_side = tcp_timer(outbound[0], upstream_port);
+        assert_eq!(downstream, Some(want), "downstream socket, config {toml:?}");
+        assert_eq!(
+            upstream_side,
+            Some(want),
+            "upstream socket, config {toml:?}"
+        );
+    }
+}
