@@ -3,7 +3,7 @@
 //! | phase | bound | when it is broken |
 //! |---|---|---|
 //! | a request head: a connection's first, and each next one on HTTP/1 | `timeouts.request_header` ([`crate::conn`]) | connection closed |
-//! | a small request body (up to `limits.buffer_request_body`, and every policed one), read whole before an upstream slot is taken | `timeouts.request_body` | 408, connection closed |
+//! | a small request body (up to `limits.buffer_request_body`, and every policed one), read whole before an upstream slot is taken | `timeouts.request_body` (one place: `Proxy::read_request_body` in [`crate::proxy`]) | 408, connection closed |
 //! | waiting for an upstream slot, first come first served | `timeouts.upstream_queue`, at most `limits.max_upstream_waiting` waiting | 503 |
 //! | connecting upstream | `timeouts.upstream_connect` | 502 |
 //! | request sent to response head | `timeouts.upstream_response` ([`crate::proxy`]) | 504 |

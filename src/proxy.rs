@@ -341,33 +341,44 @@ impl Proxy {
         if !verifying {
             return Ok(ProxyBody::stream(body, pace));
         }
-        let (limit, timeout) = (
-            cx.rt.config.policy.max_body_bytes,
-            cx.rt.config.timeouts.request_body,
-        );
-        let read = tokio::time::timeout(timeout, read_bounded(body, limit, Some(cx.progress)));
-        match read.await {
-            Err(_) => Err(Error::BodyTimeout(timeout)),
-            Ok(Err(e)) => Err(self.body_error(e)),
-            Ok(Ok(Read::Whole(bytes))) => {
+        let limit = cx.rt.config.policy.max_body_bytes;
+        match self.read_request_body(cx, body, limit).await? {
+            Read::Whole(bytes) => {
                 self.authenticate(cx, parts, Some(&bytes))?;
                 Ok(ProxyBody::full(bytes))
             }
-            Ok(Ok(Read::TooLarge(prefix, rest))) => {
+            Read::TooLarge(prefix, rest) => {
                 self.authenticate(cx, parts, None)?;
                 Ok(ProxyBody::prefixed(prefix, rest, pace))
             }
         }
     }
 
-    /// Why a request body could not be read: cut for its pace or framing (counted), or broken.
-    fn body_error(&self, e: crate::upstream::BoxError) -> Error {
-        match Stall::find(e.as_ref()) {
-            Some(stall) => {
-                self.metrics.cut(stall.reason());
-                Error::BodyStalled(stall)
+    /// Reads a request body whole, up to `limit` bytes, before anything goes upstream: within
+    /// `timeouts.request_body` in all, and held to its pace and framing on the way. Every
+    /// request body read whole (a small one, a policed one, one whose signature is verified)
+    /// is read here, and a cut is counted here, by reason.
+    async fn read_request_body(
+        &self,
+        cx: &Context<'_>,
+        body: Gather<Incoming>,
+        limit: usize,
+    ) -> Result<Read<Gather<Incoming>>, Error> {
+        let timeout = cx.rt.config.timeouts.request_body;
+        let read = tokio::time::timeout(timeout, read_bounded(body, limit, Some(cx.progress)));
+        match read.await {
+            Err(_) => {
+                self.metrics.cut("request_body_timeout");
+                Err(Error::BodyTimeout(timeout))
             }
-            None => Error::BodyRead(e),
+            Ok(Ok(read)) => Ok(read),
+            Ok(Err(e)) => Err(match Stall::find(e.as_ref()) {
+                Some(stall) => {
+                    self.metrics.cut(stall.reason());
+                    Error::BodyStalled(stall)
+                }
+                None => Error::BodyRead(e),
+            }),
         }
     }
 
@@ -386,17 +397,10 @@ impl Proxy {
         if body.is_end_stream() || declared.is_some_and(|n| n > limit as u64) {
             return Ok(ProxyBody::stream(body, pace));
         }
-        let timeout = cx.rt.config.timeouts.request_body;
-        let read = tokio::time::timeout(timeout, read_bounded(body, limit, Some(cx.progress)));
-        match read.await {
-            Err(_) => {
-                self.metrics.cut("request_body_timeout");
-                Err(Error::BodyTimeout(timeout))
-            }
-            Ok(Err(e)) => Err(self.body_error(e)),
-            Ok(Ok(Read::Whole(bytes))) => Ok(ProxyBody::full(bytes)),
-            Ok(Ok(Read::TooLarge(prefix, rest))) => Ok(ProxyBody::prefixed(prefix, rest, pace)),
-        }
+        Ok(match self.read_request_body(cx, body, limit).await? {
+            Read::Whole(bytes) => ProxyBody::full(bytes),
+            Read::TooLarge(prefix, rest) => ProxyBody::prefixed(prefix, rest, pace),
+        })
     }
 
     /// A response body up to `limits.buffer_response_body` (while `limits.buffer_memory`
@@ -454,19 +458,12 @@ impl Proxy {
         let policy = &cx.rt.config.policy;
         let (mut parts, body) = req.into_parts();
 
-        let limit = cx.rt.config.timeouts.request_body;
-        let read = tokio::time::timeout(
-            limit,
-            read_bounded(body, policy.max_body_bytes, Some(cx.progress)),
-        )
-        .await;
-        let bytes = match read {
-            Err(_) => {
-                self.metrics.cut("request_body_timeout");
-                return Outcome::refused(Error::BodyTimeout(limit));
-            }
-            Ok(Err(e)) => return Outcome::refused(self.body_error(e)),
-            Ok(Ok(Read::TooLarge(prefix, rest))) => {
+        let bytes = match self
+            .read_request_body(cx, body, policy.max_body_bytes)
+            .await
+        {
+            Err(e) => return Outcome::refused(e),
+            Ok(Read::TooLarge(prefix, rest)) => {
                 // Nothing of the policy is told to a caller whose signature fails.
                 if let Err(e) = self.authenticate(cx, &parts, None) {
                     return Outcome::refused(e);
@@ -477,7 +474,7 @@ impl Proxy {
                 let body = ProxyBody::prefixed(prefix, rest, Pace::of(&cx.rt.config));
                 return self.violation(cx, v, parts, body).await;
             }
-            Ok(Ok(Read::Whole(bytes))) => bytes,
+            Ok(Read::Whole(bytes)) => bytes,
         };
 
         // A caller's signature covers the body as it came, not as it will be normalized.
