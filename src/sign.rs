@@ -26,6 +26,8 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use percent_encoding::{percent_decode, percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use ring::{digest, hmac};
 
+use crate::policy::abbreviate;
+
 /// The scheme name, first in the string to sign and in `Authorization`.
 pub const ALGORITHM: &str = "SDK-HMAC-SHA256";
 /// The signing time, `YYYYMMDDTHHMMSSZ` in UTC; always signed.
@@ -369,7 +371,7 @@ pub struct Authorization {
 pub enum ParseError {
     #[error("Authorization is not an SDK-HMAC-SHA256 signature")]
     Scheme,
-    #[error("Authorization parameter {0:?} is malformed, unknown or repeated")]
+    #[error("Authorization parameter {:?} is malformed, unknown or repeated", abbreviate(.0))]
     Param(String),
     #[error("Authorization has no {0} parameter")]
     MissingParam(&'static str),
@@ -446,9 +448,9 @@ pub enum VerifyError {
     Malformed(#[from] ParseError),
     #[error("X-Sdk-Date is {0:?} away from now, more than allowed")]
     ClockSkew(Duration),
-    #[error("unknown access key {0:?}")]
+    #[error("unknown access key {:?}", abbreviate(.0))]
     UnknownAccessKey(String),
-    #[error("signed header {0} is absent")]
+    #[error("signed header {} is absent", abbreviate(.0.as_str()))]
     MissingSignedHeader(HeaderName),
     /// A caller's error: the signature covers the body but [`Payload::Unsigned`] was passed.
     #[error("the signature covers the body, which was not passed")]

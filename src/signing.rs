@@ -19,6 +19,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use serde::Deserialize;
 
+use crate::policy::abbreviate;
 use crate::sign::{self, Credentials, Payload, SecretKey, VerifyError};
 
 /// The environment variables the Huawei Cloud SDKs read their credentials from.
@@ -132,7 +133,11 @@ struct Keys {
 pub enum AuthError {
     #[error(transparent)]
     Verify(#[from] VerifyError),
-    #[error("access key {key:?} may not use project {project:?}")]
+    #[error(
+        "access key {:?} may not use project {:?}",
+        abbreviate(key),
+        abbreviate(project)
+    )]
     Project { key: String, project: String },
     #[error(
         "the body of a streamed request must be sent with X-Sdk-Content-Sha256: UNSIGNED-PAYLOAD"
