@@ -1,7 +1,9 @@
 """snapguard terminating TLS ([tls]) in front of the real cinder-api (Cinder 29, noauth, sqlite),
 with Cinder told to believe its proxy (`[oslo_middleware] enable_proxy_headers_parsing = True`).
 
-What this checks, with Python `requests` and openstacksdk over HTTPS and a test CA made here with `cryptography`:
+What this checks, with Python `requests`, openstacksdk and python-cinderclient (its Python API and
+its `cinder` CLI, configured as deploy/README.md says) over HTTPS and a test CA made here with
+`cryptography`:
 - the links Cinder writes (version documents, a list's next link) name snapguard's own address
   with https, which takes X-Forwarded-Proto and X-Forwarded-Host from snapguard, and nothing a
   client forged (snapguard does not trust 127.0.0.1 here);
@@ -19,11 +21,13 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import os
 import pathlib
 import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import urllib.parse
 import uuid
@@ -39,7 +43,7 @@ from cinder_api import (RESERVED, Stack, _write_conf, free_port, request, requir
                         running)
 from conftest import snapguard_bin
 
-SEEDED = 4  # snapshots seeded: 2+ for the paginated list, the rest for the PUTs
+SEEDED = 7  # snapshots seeded: 2+ for the paginated list, the rest for the PUTs
 
 
 # --- the test PKI ---------------------------------------------------------------------------
@@ -387,3 +391,93 @@ def test_openstacksdk_without_the_ca_refuses_snapguards_certificate(tls_stack):
         conn.block_storage.get_snapshot(tls_stack.seed["snapshots"][0])
     assert _handshake_alerts(tls_stack) > alerts, e.value
     assert tls_stack.snapguard_log.read_text().count("snapguard::access") == log, e.value
+
+
+# --- python-cinderclient, as deploy/README.md tells users ------------------------------------
+def _cinderclient_auth(st):
+    """Cinder runs noauth here, so in place of the recipe's password plugin the session's auth is
+    cinderclient's own `noauth` plugin (token `user:project`, and the project keystoneauth puts in
+    `%(project_id)s`). Its endpoint stands for the catalogue's: cinder-api's own plain-HTTP address,
+    which `os_endpoint` must override, or the requests would bypass snapguard."""
+    from keystoneauth1 import loading
+
+    return loading.get_plugin_loader("noauth").load_from_options(
+        user_id=st.user, project_id=st.project, endpoint=f"http://127.0.0.1:{st.cinder_port}/v3")
+
+
+def _access_lines(st) -> int:
+    return st.snapguard_log.read_text().count("snapguard::access")
+
+
+def test_cinderclient_os_endpoint_over_tls_is_policed_and_stores_a_good_name(tls_stack):
+    """python-cinderclient's Python API as deploy/README.md has it: `client.Client("3",
+    session=..., os_endpoint="https://<snapguard>/v3/%(project_id)s")`, the session verifying with
+    the test CA. A reserved name is refused with cinderclient's BadRequest carrying snapguard's
+    message and Cinder keeps the old name; a good one is stored."""
+    from cinderclient import client, exceptions
+    from keystoneauth1 import session
+
+    sess = session.Session(auth=_cinderclient_auth(tls_stack), verify=str(tls_stack.ca))
+    cinder = client.Client("3", session=sess,
+                           os_endpoint=f"{tls_stack.https}/v3/%(project_id)s")
+    sid = tls_stack.take_snapshot()
+    before = tls_stack.snapshot(sid)
+    seen = _access_lines(tls_stack)
+    assert cinder.volume_snapshots.get(sid).id == sid
+    assert _access_lines(tls_stack) > seen, "the GET did not go through snapguard"
+
+    with pytest.raises(exceptions.BadRequest) as refused:
+        cinder.volume_snapshots.update(sid, name=RESERVED + "x")
+    assert refused.value.code == 400
+    assert refused.value.message == (
+        "Invalid input for field/attribute name. Value: autobk_snapshot_x. Names starting with "
+        "'autobk_snapshot_' are reserved for automatic backup snapshots."), refused.value
+    assert tls_stack.snapshot(sid) == before, "Cinder's row changed after a refused update"
+
+    good = "cc-tls-" + uuid.uuid4().hex[:8]
+    cinder.volume_snapshots.update(sid, name=good, description="cinderclient")
+    row = tls_stack.snapshot(sid)
+    assert (row["display_name"], row["display_description"]) == (good, "cinderclient")
+    assert cinder.volume_snapshots.get(sid).name == good
+    assert not tls_stack.reserved_rows()
+
+
+@pytest.mark.parametrize("endpoint_from", ["--os-endpoint", "CINDER_ENDPOINT"])
+def test_cinder_cli_os_endpoint_over_tls_is_policed_and_stores_a_good_name(tls_stack,
+                                                                           endpoint_from):
+    """The `cinder` CLI of the venv as deploy/README.md has it: the endpoint from `--os-endpoint`
+    or `CINDER_ENDPOINT`, the CA from `--os-cacert`; auth is cinderclient's `noauth` plugin (see
+    _cinderclient_auth). `snapshot-rename` to a reserved name exits 1 with snapguard's message
+    on stderr and changes nothing; to a good name it exits 0 and the name is stored."""
+    endpoint = f"{tls_stack.https}/v3/%(project_id)s"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OS_", "CINDER_", "CINDERCLIENT_"))}
+    args = [str(pathlib.Path(sys.executable).parent / "cinder"),
+            "--os-auth-type", "noauth", "--os-user-id", tls_stack.user,
+            "--os-project-id", tls_stack.project, "--os-cacert", str(tls_stack.ca)]
+    if endpoint_from == "--os-endpoint":
+        args += ["--os-endpoint", endpoint]
+    else:
+        env["CINDER_ENDPOINT"] = endpoint
+
+    def rename(sid, name):
+        return subprocess.run(args + ["snapshot-rename", sid, name], env=env,
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=60)
+
+    sid = tls_stack.take_snapshot()
+    before = tls_stack.snapshot(sid)
+    seen = _access_lines(tls_stack)
+    bad = rename(sid, RESERVED + "x")
+    assert bad.returncode == 1, (bad.returncode, bad.stdout, bad.stderr)
+    assert ("ERROR: Invalid input for field/attribute name. Value: autobk_snapshot_x. Names "
+            "starting with 'autobk_snapshot_' are reserved for automatic backup snapshots. "
+            "(HTTP 400)") in bad.stderr, bad.stderr
+    assert tls_stack.snapshot(sid) == before, "Cinder's row changed after a refused rename"
+    assert _access_lines(tls_stack) > seen, "the CLI's requests did not go through snapguard"
+
+    good = "cli-tls-" + uuid.uuid4().hex[:8]
+    ok = rename(sid, good)
+    assert ok.returncode == 0, (ok.returncode, ok.stdout, ok.stderr)
+    assert tls_stack.stored_name(sid) == good
+    assert not tls_stack.reserved_rows()
