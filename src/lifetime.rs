@@ -123,6 +123,12 @@ impl Stall {
 
 /// A body held to a [`Pace`]: cut with a [`Stall`] error when it stands still for too long or
 /// moves too slowly. The timer is armed only while the body waits for data.
+///
+/// Only the time the body is waited on counts: between handing a frame on and being polled
+/// again, the time is its consumer's (hyper does not poll a response body while the downstream
+/// is not taking what it has, nor a request body while the upstream is not), and the body's
+/// clock stops. A peer is thus held to the pace for its own slowness, never for the other
+/// side's, which [`crate::conn`] watches on the downstream's side.
 #[derive(Debug)]
 pub struct Watched<B> {
     inner: B,
@@ -133,6 +139,8 @@ pub struct Watched<B> {
     started: Instant,
     last: Instant,
     moved: u64,
+    /// When the last frame was handed on, while the consumer has not asked for the next.
+    handed: Option<Instant>,
     timer: Option<Pin<Box<Sleep>>>,
 }
 
@@ -146,6 +154,7 @@ impl<B> Watched<B> {
             started: now,
             last: now,
             moved: 0,
+            handed: None,
             timer: None,
         }
     }
@@ -168,9 +177,16 @@ where
             let now = Instant::now();
             (this.started, this.last) = (now, now);
         }
+        if let Some(handed) = this.handed.take() {
+            // The consumer's time since the last frame: the clock moves on past it.
+            let theirs = Instant::now().saturating_duration_since(handed);
+            this.started += theirs;
+            this.last += theirs;
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                this.last = Instant::now();
+                let now = Instant::now();
+                (this.last, this.handed) = (now, Some(now));
                 if let Some(data) = frame.data_ref() {
                     this.moved += data.len() as u64;
                 }
@@ -366,5 +382,59 @@ mod tests {
         let stall = err.as_deref().and_then(|e| Stall::find(e));
         assert_eq!(stall, Some(Stall::Idle(pace.idle)));
         assert_eq!(started.elapsed(), pace.idle);
+    }
+
+    /// A body with a frame ready at every poll but the second, which waits `wait` first.
+    struct SlowOnce {
+        polls: u32,
+        wait: Option<Pin<Box<Sleep>>>,
+    }
+
+    impl Body for SlowOnce {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            if self.polls == 1 {
+                if let Some(wait) = self.wait.as_mut() {
+                    if wait.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                }
+            }
+            self.polls += 1;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&[0; 1000])))))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_time_a_body_is_waited_on_counts() {
+        use http_body_util::BodyExt;
+        // 1,000 bytes a frame against a minimum of 1,000 a second after 10 s, at most 30 s
+        // idle. The consumer takes a frame, then comes back 100 s later (its own slowness:
+        // a downstream not reading), and the body makes it wait 5 s for the next: neither
+        // idle for 30 s nor under the rate in the time it was waited on.
+        let mut body = Watched::new(
+            SlowOnce {
+                polls: 0,
+                wait: None,
+            },
+            PACE,
+        );
+        assert!(body.frame().await.is_some_and(|f| f.is_ok()));
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        body.inner.wait = Some(Box::pin(tokio::time::sleep(Duration::from_secs(5))));
+        assert!(
+            body.frame().await.is_some_and(|f| f.is_ok()),
+            "cut for the consumer's time"
+        );
+        // Waited on all along, the same body is cut: 1,000 bytes in 12 s is under the rate.
+        body.inner.wait = Some(Box::pin(tokio::time::sleep(Duration::from_secs(12))));
+        body.inner.polls = 1;
+        let err = body.frame().await.and_then(Result::err);
+        let stall = err.as_deref().and_then(|e| Stall::find(e));
+        assert_eq!(stall, Some(Stall::TooSlow(PACE.min_rate)));
     }
 }
