@@ -61,6 +61,11 @@ const ABANDON_BUDGET: u64 = 100;
 /// through hyper's graceful shutdown) has to finish before its socket is reset.
 const GOAWAY_GRACE: Duration = Duration::from_secs(1);
 
+/// Requests such a connection may still abandon meanwhile. hyper's graceful GOAWAY first names
+/// the highest stream id and waits for a PING's answer before it refuses new streams, so a peer
+/// that does not answer could go on opening and resetting streams for the whole grace.
+const GOAWAY_SLACK: u64 = 20;
+
 impl Activity {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
@@ -475,16 +480,16 @@ pub async fn with_deadlines<F: Future>(
     let draining = drain.state.started.notified();
     tokio::pin!(timer, abandoning, draining);
     let (mut armed, mut drain_armed, mut abandon_armed, mut drained) = (false, false, false, false);
-    // Set once the connection was told to go away for abandoning too many requests: how it
-    // ends from then on, it was cut.
-    let mut sent_away = false;
+    // Set once the connection was told to go away for abandoning too many requests, to the
+    // requests it had abandoned then: how it ends from then on, it was cut.
+    let mut sent_away: Option<u64> = None;
     std::future::poll_fn(|cx| {
         // The timer is polled to register it and once it has fired, not at every wake-up;
         // first, while the task's cooperative budget is whole: a poll refused for want of
         // budget registers nothing, and is made again at the next wake-up.
         while !armed || timer.is_elapsed() {
             if armed {
-                if sent_away {
+                if sent_away.is_some() {
                     activity.reset.store(true, Ordering::Release);
                     return Poll::Ready(Err(Closed::Abandoning));
                 }
@@ -517,7 +522,7 @@ pub async fn with_deadlines<F: Future>(
             graceful(conn.as_mut());
         }
         if let Poll::Ready(out) = conn.as_mut().poll(cx) {
-            return Poll::Ready(if sent_away {
+            return Poll::Ready(if sent_away.is_some() {
                 Err(Closed::Abandoning)
             } else {
                 Ok(out)
@@ -533,10 +538,16 @@ pub async fn with_deadlines<F: Future>(
                 let _ = abandoning.as_mut().poll(cx);
             }
         }
-        if !sent_away && activity.abandons_too_many() {
+        if let Some(then) = sent_away {
+            // Still resetting streams after being told to go away: reset now.
+            if activity.abandoned.load(Ordering::Acquire) > then + GOAWAY_SLACK {
+                activity.reset.store(true, Ordering::Release);
+                return Poll::Ready(Err(Closed::Abandoning));
+            }
+        } else if activity.abandons_too_many() {
             // Told to go away (GOAWAY: no new streams; the ones it has may end), then given
             // GOAWAY_GRACE to close before the timer resets it.
-            sent_away = true;
+            sent_away = Some(activity.abandoned.load(Ordering::Acquire));
             graceful(conn.as_mut());
             timer.as_mut().reset(Instant::now() + GOAWAY_GRACE);
             armed = tokio::task::coop::has_budget_remaining();
@@ -798,6 +809,39 @@ mod tests {
         let started = Instant::now();
         assert_eq!(watch.await, Err(Closed::Abandoning));
         assert_eq!(started.elapsed(), GOAWAY_GRACE);
+        assert!(activity.reset.load(Ordering::Acquire));
+
+        // One that goes on abandoning requests once told is reset at once, not GOAWAY_GRACE
+        // later.
+        let activity = Activity::new();
+        let watcher = drain.watcher();
+        let watch = with_deadlines(
+            std::future::pending::<()>(),
+            &activity,
+            &watcher,
+            |_| {},
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+            PACE,
+        );
+        let storm = async {
+            loop {
+                drop(activity.begin());
+                tokio::task::yield_now().await;
+            }
+        };
+        let started = Instant::now();
+        let closed = tokio::select! {
+            closed = watch => closed,
+            () = storm => unreachable!(),
+        };
+        assert_eq!(closed, Err(Closed::Abandoning));
+        assert!(started.elapsed() < GOAWAY_GRACE);
+        let abandoned = activity.abandoned.load(Ordering::Acquire);
+        assert!(
+            abandoned <= ABANDON_BUDGET + GOAWAY_SLACK + 3,
+            "reset after {abandoned}"
+        );
         assert!(activity.reset.load(Ordering::Acquire));
 
         // One that closes when told (its GOAWAY written) is cut all the same, without a reset.
