@@ -1,7 +1,8 @@
 //! The access record of one exchange: written to the access log and to the metrics when the
-//! exchange ends ([`Exchange::finish`], called by [`crate::body::Logged`] with how it ended:
-//! the response sent to its end, broken off on the upstream's side, or abandoned by the
-//! downstream), so its byte counts, duration and outcome are whole.
+//! exchange ends ([`Exchange::finish`], with how it ended: called by [`crate::body::Logged`]
+//! when the response was sent to its end, broke off on the upstream's side, or was abandoned
+//! by the downstream; and by the proxy when the client went away before any response), so its
+//! byte counts, duration and outcome are whole.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -23,6 +24,8 @@ pub enum Decision {
     Normalized,
     /// Refused by the policy (or unreadable), never sent upstream.
     Rejected,
+    /// The client went away before its response: whatever was decided, nothing was answered.
+    Abandoned,
     /// A violation forwarded anyway, in audit mode.
     Audit,
     /// A reserved name allowed for an exempt project.
@@ -36,6 +39,7 @@ impl Decision {
             Self::Allowed => "allowed",
             Self::Normalized => "normalized",
             Self::Rejected => "rejected",
+            Self::Abandoned => "abandoned",
             Self::Audit => "audit",
             Self::Exempt => "exempt",
         }

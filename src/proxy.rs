@@ -19,7 +19,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 
 pub use crate::access::Decision;
-use crate::access::Exchange;
+use crate::access::{End, Exchange};
 use crate::body::{Leased, Logged, Progress, ProxyBody, Tracked};
 use crate::config::Config;
 use crate::decide::{self, Head};
@@ -193,6 +193,26 @@ impl Proxy {
             Head::Violation { route, .. } => Some(*route),
             Head::Passthrough | Head::Connect => None,
         };
+        // The exchange's record from the start: a request the client abandons before its
+        // response (a reset stream, a connection gone while the upstream answers) is logged and
+        // counted too, as `499` (nginx's "client closed request").
+        let mut record = Unanswered(Some(Box::new(Exchange {
+            started,
+            method,
+            path,
+            route: route.map(|r| r.template),
+            decision: Decision::Abandoned,
+            rule: None,
+            error: None,
+            status: 499,
+            request_id: request_id.clone(),
+            upstream: None,
+            bytes_in: progress.clone(),
+            bytes_out: 0,
+            caller: None,
+            client: peer.client.clone(),
+            metrics: self.metrics.clone(),
+        })));
         let pace = Pace::of(&rt.config);
         let bad_host = crate::headers::host_problem(version, req.uri(), req.headers());
         let req = req.map(Gather::request);
@@ -275,24 +295,15 @@ impl Proxy {
         response
             .headers_mut()
             .insert(X_REQUEST_ID, request_id.clone());
-        let exchange = Box::new(Exchange {
-            started,
-            method,
-            path,
-            route: route.map(|r| r.template),
-            decision: outcome.decision,
-            rule: outcome.rule,
-            error,
-            status: response.status().as_u16(),
-            request_id,
-            upstream: outcome.upstream,
-            bytes_in: progress,
-            bytes_out: 0,
-            caller: caller.into_inner(),
-            client: peer.client.clone(),
-            metrics: self.metrics.clone(),
-        });
-        response.map(|()| Logged::new(body, exchange))
+        if let Some(exchange) = record.0.as_deref_mut() {
+            exchange.decision = outcome.decision;
+            exchange.rule = outcome.rule;
+            exchange.error = error;
+            exchange.status = response.status().as_u16();
+            exchange.upstream = outcome.upstream;
+            exchange.caller = caller.into_inner();
+        }
+        response.map(|()| Logged::new(body, record.answered()))
     }
 
     /// Checks the caller's signature once, on the request as it came (`downstream = "verify"`).
@@ -678,6 +689,25 @@ impl Proxy {
             result,
             decision,
             upstream: Some(took),
+        }
+    }
+}
+
+/// The record of an exchange until its response is handed on; dropped before that (the
+/// request's future dropped: the client went away), it ends the exchange as abandoned.
+struct Unanswered(Option<Box<Exchange>>);
+
+impl Unanswered {
+    /// The record, for the response to carry to the exchange's end.
+    fn answered(mut self) -> Option<Box<Exchange>> {
+        self.0.take()
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(exchange) = self.0.take() {
+            exchange.finish(End::Abandoned);
         }
     }
 }

@@ -1217,6 +1217,14 @@ async fn a_slow_reader_is_cut_by_the_minimum_rate() {
         1.0,
     )
     .await;
+    // The reader's slowness is not the upstream's: its body is held to its pace only for the
+    // time it is waited on.
+    let metrics = support::admin_get(proxy.admin, "/metrics").await.body;
+    let metrics = String::from_utf8_lossy(&metrics);
+    for kind in ["body_too_slow", "body_idle", "reset"] {
+        let series = format!("snapguard_upstream_errors_total{{kind=\"{kind}\"}}");
+        assert_eq!(support::sample(&metrics, &series), 0.0, "{series}");
+    }
 }
 
 #[tokio::test]
@@ -1429,6 +1437,13 @@ async fn an_exchange_the_downstream_abandons_is_finished_and_its_connection_kept
         1,
         "abandoned exchanges threw their connections away"
     );
+    // Each is on record, as its client's: 499, abandoned.
+    support::await_sample(
+        proxy.admin,
+        r#"snapguard_requests_total{route="none",method="GET",decision="abandoned",status="499"}"#,
+        10.0,
+    )
+    .await;
 }
 
 /// Takes the head and a little of a `GET /v3/p1/volumes` response from `proxy`, then lets go

@@ -1194,3 +1194,77 @@ async fn connections_have_tcp_keepalive_on_both_sides_unless_turned_off() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_access_log_says_how_each_exchange_ended() {
+    let upstream = Upstream::start(Reply::Stalls(256 * 1024)).await;
+    let toml =
+        "[log]\nformat = \"json\"\n[timeouts]\nbody_idle = \"400ms\"\nshutdown_grace = \"5s\"\n\
+                [limits]\nmin_body_rate = 0\nbuffer_request_body = 16\n";
+    let bin = Binary::start(binary_path(), &upstream.url(), toml, &[]).await;
+    let exchange = |raw: &'static [u8], wait: u64| {
+        let addr = bin.addr;
+        async move { support::raw(addr, raw, Duration::from_millis(wait)).await }
+    };
+    // The upstream's response stalls after its head: broken off on the upstream's side.
+    let broke = exchange(
+        b"GET /v3/p1/volumes/broke HTTP/1.1\r\nHost: x\r\n\r\n",
+        3000,
+    )
+    .await;
+    assert!(broke.starts_with("HTTP/1.1 200"), "{broke}");
+    // A HEAD refused by snapguard: its error body may not be sent, and hyper never polls it.
+    let head = exchange(
+        b"HEAD /v3/p1/volumes/head HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        500,
+    );
+    assert!(head.await.starts_with("HTTP/1.1 400"));
+    // An upload that stops: cut for its pace.
+    let cut = exchange(
+        b"POST /v3/p1/volumes/cut HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789012345678901234567890123456789",
+        3000,
+    );
+    assert!(cut.await.starts_with("HTTP/1.1 408"));
+    // A client that takes the head and goes away.
+    let mut gone = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
+    gone.write_all(b"GET /v3/p1/volumes/gone HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = gone.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bin.signal("TERM");
+    let log = bin.log();
+    let ends: std::collections::BTreeMap<String, (String, String)> = log
+        .lines()
+        .filter(|l| l.contains("snapguard::access"))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|v| {
+            let field = |k: &str| v.get(k).and_then(|f| f.as_str()).unwrap_or("").to_owned();
+            (field("path"), (field("end"), field("error")))
+        })
+        .collect();
+    let want = |end: &str, error: &str| Some((end.to_owned(), error.to_owned()));
+    assert_eq!(
+        ends.get("/v3/p1/volumes/broke").cloned(),
+        want("upstream_broke", "body_idle"),
+        "{log}"
+    );
+    assert_eq!(
+        ends.get("/v3/p1/volumes/head").cloned(),
+        want("complete", "bad_host"),
+        "{log}"
+    );
+    assert_eq!(
+        ends.get("/v3/p1/volumes/cut").cloned(),
+        want("request_cut", "body_idle"),
+        "{log}"
+    );
+    assert_eq!(
+        ends.get("/v3/p1/volumes/gone").cloned(),
+        want("abandoned", "-"),
+        "{log}"
+    );
+}

@@ -95,15 +95,15 @@ impl Drop for Leased {
         // Let go of before its end (the downstream went away, or reset its stream): a rest that
         // is surely over the drain's budget is not worth reading, and closes the connection.
         if self.inner.size_hint().lower() <= DRAIN_BYTES {
-            lease.drain(read_out(std::mem::take(&mut self.inner)), request, ());
+            lease.drain(read_out(std::mem::take(&mut self.inner)), request, None);
         }
     }
 }
 
 /// A response body that counts what it sends for the exchange's access record, and ends the
 /// exchange ([`Exchange::finish`]: the access line and the request metrics) with how it ended:
-/// when its last frame has been handed on (at once for an empty body, which hyper never
-/// polls), when it breaks off on the upstream's side, or, if neither happens before hyper lets
+/// when its last frame has been handed on (at once for an empty body, or one that may not be
+/// sent: a HEAD request's, a 204's or a 304's, which hyper never polls), when it breaks off on the upstream's side, or, if neither happens before hyper lets
 /// go of it, as abandoned by the downstream: dropping is the only sign hyper gives of that.
 #[derive(Debug)]
 pub struct Logged {
@@ -112,12 +112,13 @@ pub struct Logged {
 }
 
 impl Logged {
-    pub fn new(inner: Leased, exchange: Box<Exchange>) -> Self {
-        let mut body = Self {
-            inner,
-            exchange: Some(exchange),
-        };
-        if body.inner.is_end_stream() {
+    pub fn new(inner: Leased, exchange: Option<Box<Exchange>>) -> Self {
+        let mut body = Self { inner, exchange };
+        let bodiless = body
+            .exchange
+            .as_ref()
+            .is_some_and(|e| e.method == http::Method::HEAD || matches!(e.status, 204 | 304));
+        if bodiless || body.inner.is_end_stream() {
             body.end(End::Complete);
         }
         body

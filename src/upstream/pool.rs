@@ -20,7 +20,7 @@ use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use hyper::body::Body;
 use hyper::client::conn::http1::SendRequest;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::{Progress, Tracked};
 
@@ -32,8 +32,11 @@ pub struct Pool {
     idle: ArrayQueue<Sender>,
     /// The fewest connections the queue has held since the last reaping.
     low_water: AtomicUsize,
-    /// Background drains of exchanges whose downstream went away, at most one per slot.
+    /// Background drains of exchanges whose downstream went away, at most one per slot: of
+    /// those abandoned before their response head (each holding its request's slot), and,
+    /// apart so that they cannot crowd those out, of those abandoned mid-body.
     drains: Arc<Semaphore>,
+    late_drains: Arc<Semaphore>,
 }
 
 /// How long, and how much of a response, a background drain may take.
@@ -48,6 +51,7 @@ impl Pool {
             idle: ArrayQueue::new(capacity.max(1)),
             low_water: AtomicUsize::new(0),
             drains: Arc::new(Semaphore::new(capacity)),
+            late_drains: Arc::new(Semaphore::new(capacity)),
         })
     }
 
@@ -123,22 +127,25 @@ impl Lease {
     /// is left of its response ([`read_out`]), and if that ends within [`DRAIN_TIME`] and the
     /// request was sent whole, the connection goes back to the pool instead of being closed. A
     /// storm of abandoned requests must not become a storm of new upstream connections. At
-    /// most one drain per slot runs at once; past that, the connection is closed now. `hold`
-    /// (the request's upstream slot, while its response head has not come) is kept until the
-    /// drain ends.
-    pub fn drain<F, H>(self, rest: F, request: Arc<Progress>, hold: H)
+    /// most one drain per slot runs at once, for each of the two kinds; past that, the
+    /// connection is closed now. `slot` (the request's, while its response head has not come)
+    /// is kept until the drain ends: the request is still in the upstream's hands.
+    pub fn drain<F>(self, rest: F, request: Arc<Progress>, slot: Option<OwnedSemaphorePermit>)
     where
         F: Future<Output = Option<()>> + Send + 'static,
-        H: Send + 'static,
     {
-        let Ok(permit) = self.pool.drains.clone().try_acquire_owned() else {
+        let drains = match slot {
+            Some(_) => &self.pool.drains,
+            None => &self.pool.late_drains,
+        };
+        let Ok(permit) = drains.clone().try_acquire_owned() else {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         runtime.spawn(async move {
-            let _held = (permit, hold);
+            let _held = (permit, slot);
             let drained = tokio::time::timeout(DRAIN_TIME, rest).await;
             if matches!(drained, Ok(Some(()))) && request.sent_whole() {
                 self.release();
