@@ -229,7 +229,8 @@ pub struct Terminator {
     config: TlsConfig,
     current: ArcSwap<Loaded>,
     /// What the last failed reload read (the files' bytes, or why they could not be read), so
-    /// that files which stay broken are reported once, not on every tick and directory event.
+    /// that files which stay broken are reported once, not on every tick and directory event;
+    /// its lock is held through each reload, so that reloads happen one at a time.
     failed: Mutex<Option<Result<Files, String>>>,
 }
 
@@ -258,6 +259,9 @@ impl Terminator {
     /// becomes valid without a change), but failing again they give `Ok(false)` and a debug
     /// line, so that a pair left broken is not counted and logged on every re-read.
     pub fn reload(&self) -> Result<bool, TlsFileError> {
+        // One reload at a time (the watch, the timer and SIGHUP may ask at once): one that read
+        // the files before a swap must not store them after another stored the new ones.
+        let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
         let (attempt, outcome) = match Files::read(&self.config) {
             Ok(files) => {
                 let outcome = build(&self.config, &files).map(|fresh| {
@@ -271,7 +275,6 @@ impl Terminator {
             }
             Err(e) => (Err(e.to_string()), Err(e)),
         };
-        let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
         match outcome {
             Err(e) if failed.as_ref() == Some(&attempt) => {
                 tracing::debug!(
