@@ -1268,3 +1268,38 @@ async fn the_access_log_says_how_each_exchange_ended() {
         "{log}"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_does_not_read_holds_little_in_the_kernel() {
+    // Without a bound on unsent data, the kernel grows the send buffer to tcp_wmem's maximum
+    // (4 MiB here) whatever the peer reads, and snapguard moved about 3 MiB of a large response
+    // into it for a client that reads nothing. With TCP_NOTSENT_LOWAT, about 128 KiB wait.
+    let (_upstream, proxy) = support::pair(Reply::Large(16 * 1024 * 1024), "").await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut client = socket.connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 1024];
+    let n = client.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // tx_queue of the proxy's end of this connection: bytes sent and not yet acknowledged, or
+    // not sent at all.
+    let (local, remote) = (proxy.addr.port(), client.local_addr().unwrap().port());
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).unwrap();
+    let queued = table
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|f| port(f[1]) == local && port(f[2]) == remote)
+        .map(|f| u64::from_str_radix(f[4].split(':').next().unwrap(), 16).unwrap())
+        .expect("the proxy's socket");
+    assert!(
+        queued < 512 * 1024,
+        "{queued} bytes queued for a client that reads nothing"
+    );
+}

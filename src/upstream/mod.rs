@@ -244,12 +244,13 @@ impl Upstream {
             queue_timeout: config.timeouts.upstream_queue,
             waiting_gauge: waiting,
             idle_timeout: config.timeouts.upstream_idle,
-            // As many at once as there are slots, then at least 64 a second: far above what
-            // pooled traffic needs, far below a storm (the 10 s of a reset storm open at most
-            // about 700 with the default limit).
+            // Twice as many at once as there are slots (a slot is given back with its response
+            // head, so as many responses may still be streaming on connections of their own),
+            // then at least 64 a second: far above what pooled traffic needs, far below a storm
+            // (the 10 s of a reset storm open at most about 770 with the default limit).
             connects: {
                 let n = config.limits.max_upstream_connections;
-                ConnectPace::new(n.max(64), n.max(16))
+                ConnectPace::new(n.max(64), n.saturating_mul(2).max(32))
             },
             connect_wait: config
                 .timeouts
@@ -505,11 +506,16 @@ impl ConnectPace {
         let per_second = u32::try_from(per_second.max(1)).unwrap_or(u32::MAX);
         let burst = u32::try_from(burst.max(1)).unwrap_or(u32::MAX);
         let interval = Duration::from_secs(1) / per_second;
+        // Credit for `burst` connections at once: the last of them opens at `now`.
+        let burst = interval * (burst - 1);
+        // The credit is whole from the start: a pace that began empty let a proxy just
+        // started (or whose upstream a reload had changed) open only `per_second` connections
+        // in its first second, and made a burst of large responses wait for turns.
+        let now = std::time::Instant::now();
         Self {
             interval,
-            // Credit for `burst` connections at once: the last of them opens at `now`.
-            burst: interval * (burst - 1),
-            next: std::sync::Mutex::new(std::time::Instant::now()),
+            burst,
+            next: std::sync::Mutex::new(now.checked_sub(burst).unwrap_or(now)),
         }
     }
 
@@ -580,5 +586,14 @@ mod pace_tests {
         let then = later + Duration::from_millis(250);
         assert_eq!(pace.try_take(then), Ok(()));
         assert_eq!(pace.try_take(then), Err(Duration::from_millis(250)));
+    }
+
+    #[test]
+    fn a_new_pace_has_its_whole_burst_at_once() {
+        let pace = ConnectPace::new(4, 8);
+        let now = std::time::Instant::now();
+        let turns: Vec<Result<(), Duration>> = (0..9).map(|_| pace.try_take(now)).collect();
+        assert!(turns[..8].iter().all(Result::is_ok), "{turns:?}");
+        assert!(turns[8].is_err(), "{turns:?}");
     }
 }
