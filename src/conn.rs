@@ -580,6 +580,29 @@ mod tests {
         with_deadlines(conn, activity, &drain.watcher(), |_| {}, first, idle, pace).await
     }
 
+    /// `conn` watched (outside any drain, `graceful` telling it to go away) while its peer
+    /// starts requests and abandons each at once, until the watch ends.
+    async fn under_abandon_storm<F: Future>(
+        conn: F,
+        activity: &Arc<Activity>,
+        graceful: impl FnMut(Pin<&mut F>),
+    ) -> Result<F::Output, Closed> {
+        let drain = Drain::new();
+        let watcher = drain.watcher();
+        let first = Duration::from_secs(10);
+        let watch = with_deadlines(conn, activity, &watcher, graceful, first, 6 * first, PACE);
+        let storm = async {
+            loop {
+                drop(activity.begin());
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::select! {
+            closed = watch => closed,
+            () = storm => unreachable!(),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_drain_asks_each_connection_to_finish_and_waits_for_all_of_them() {
         let drain = Drain::new();
@@ -814,27 +837,8 @@ mod tests {
         // One that goes on abandoning requests once told is reset at once, not GOAWAY_GRACE
         // later.
         let activity = Activity::new();
-        let watcher = drain.watcher();
-        let watch = with_deadlines(
-            std::future::pending::<()>(),
-            &activity,
-            &watcher,
-            |_| {},
-            Duration::from_secs(10),
-            Duration::from_secs(60),
-            PACE,
-        );
-        let storm = async {
-            loop {
-                drop(activity.begin());
-                tokio::task::yield_now().await;
-            }
-        };
         let started = Instant::now();
-        let closed = tokio::select! {
-            closed = watch => closed,
-            () = storm => unreachable!(),
-        };
+        let closed = under_abandon_storm(std::future::pending::<()>(), &activity, |_| {}).await;
         assert_eq!(closed, Err(Closed::Abandoning));
         assert!(started.elapsed() < GOAWAY_GRACE);
         let abandoned = activity.abandoned.load(Ordering::Acquire);
@@ -854,26 +858,8 @@ mod tests {
                 Poll::Pending
             }
         });
-        let watcher = drain.watcher();
-        let watch = with_deadlines(
-            conn,
-            &activity,
-            &watcher,
-            |_| closing.store(true, Ordering::Relaxed),
-            Duration::from_secs(10),
-            Duration::from_secs(60),
-            PACE,
-        );
-        let storm = async {
-            loop {
-                drop(activity.begin());
-                tokio::task::yield_now().await;
-            }
-        };
-        let closed = tokio::select! {
-            closed = watch => closed,
-            () = storm => unreachable!(),
-        };
+        let closed =
+            under_abandon_storm(conn, &activity, |_| closing.store(true, Ordering::Relaxed)).await;
         assert_eq!(closed, Err(Closed::Abandoning));
         assert!(!activity.reset.load(Ordering::Acquire));
 

@@ -1013,19 +1013,10 @@ async fn a_pipelined_backlog_does_not_delay_another_connections_request() {
     );
 }
 
-/// Sends `GET /v3/p1/volumes` on a connection whose receive buffer is 4 KiB, reads the
-/// response head and nothing more; the connection is returned, to be kept open.
+/// A client of `proxy` that takes a response's head and nothing more ([`support::taking_nothing`]),
+/// a moment after it came.
 async fn request_and_read_nothing(proxy: &Proxy) -> tokio::net::TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket.connect(proxy.addr).await.unwrap();
-    stream
-        .write_all(b"GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut head = [0u8; 1024];
-    let n = stream.read(&mut head).await.unwrap();
-    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    let stream = support::taking_nothing(proxy.addr).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     stream
 }
@@ -1155,27 +1146,14 @@ async fn a_streamed_response_that_stalls_upstream_is_cut() {
         1.0,
     )
     .await;
-    let metrics = support::admin_get(proxy.admin, "/metrics").await.body;
-    let metrics = String::from_utf8_lossy(&metrics);
-    assert_eq!(
-        support::sample(&metrics, r#"snapguard_peers_cut_total{reason="body_idle"}"#),
-        0.0
-    );
+    let cut = r#"snapguard_peers_cut_total{reason="body_idle"}"#;
+    assert_eq!(support::metric(proxy.admin, cut).await, 0.0);
 }
 
 #[tokio::test]
 async fn a_reader_that_stops_is_cut_after_body_idle() {
     let (_upstream, proxy) = support::pair(Reply::Large(256 * MIB), BODY_IDLE).await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket.connect(proxy.addr).await.unwrap();
-    stream
-        .write_all(b"GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut head = [0u8; 1024];
-    let n = stream.read(&mut head).await.unwrap();
-    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    let _stream = support::taking_nothing(proxy.addr).await;
     // Read nothing more: the send buffers fill, the body stops moving, the connection is cut.
     support::await_sample(
         proxy.admin,
@@ -1219,11 +1197,9 @@ async fn a_slow_reader_is_cut_by_the_minimum_rate() {
     .await;
     // The reader's slowness is not the upstream's: its body is held to its pace only for the
     // time it is waited on.
-    let metrics = support::admin_get(proxy.admin, "/metrics").await.body;
-    let metrics = String::from_utf8_lossy(&metrics);
     for kind in ["body_too_slow", "body_idle", "reset"] {
         let series = format!("snapguard_upstream_errors_total{{kind=\"{kind}\"}}");
-        assert_eq!(support::sample(&metrics, &series), 0.0, "{series}");
+        assert_eq!(support::metric(proxy.admin, &series).await, 0.0, "{series}");
     }
 }
 
@@ -1472,17 +1448,7 @@ async fn abandon_mid_body(proxy: &Proxy, version: Version) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         drop((body, client));
     } else {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let mut stream = socket.connect(proxy.addr).await.unwrap();
-        stream
-            .write_all(b"GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let mut head = [0u8; 1024];
-        let n = stream.read(&mut head).await.unwrap();
-        assert!(head[..n].starts_with(b"HTTP/1.1 200"));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _stream = request_and_read_nothing(proxy).await;
     }
 }
 

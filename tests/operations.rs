@@ -548,14 +548,7 @@ async fn an_http2_connection_between_requests_waits_idle_not_the_header_timeout(
         "[timeouts]\nrequest_header = \"300ms\"\nidle = \"3s\"\n",
     )
     .await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, String>(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = support::h2c(proxy.addr).await;
     let get = || {
         http::Request::get(proxy.url("/v3/p1/volumes"))
             .body(String::new())
@@ -581,14 +574,7 @@ async fn an_http2_client_resetting_most_of_its_streams_is_told_to_go_away() {
     // connection's, it gets a GOAWAY and a clean close (hyper's client connection then ends
     // with Ok, where a reset socket would end it with an error), and the cut is counted.
     let (_upstream, proxy) = support::pair(Reply::Slow(Duration::from_millis(300)), "").await;
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, String>(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let conn = tokio::spawn(conn);
+    let (mut sender, conn) = support::h2c(proxy.addr).await;
     let mut reset = 0;
     while !conn.is_finished() && reset < 1000 {
         if sender.ready().await.is_err() {
@@ -1140,18 +1126,43 @@ async fn memory_held_by_a_connection_storm_goes_back_to_the_system() {
     );
 }
 
-/// The `tr` (timer) field of the TCP socket from local port `local` to remote port `remote`
-/// in /proc/net/tcp: 2 while a keepalive timer is armed, 0 for none.
-fn tcp_timer(local: u16, remote: u16) -> Option<u8> {
-    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next()?, 16).ok();
-    table.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let (l, r, timer) = (fields.get(1)?, fields.get(2)?, fields.get(5)?);
-        (port(l)? == local && port(r)? == remote)
-            .then(|| timer.split(':').next()?.parse().ok())
-            .flatten()
-    })
+/// A loopback TCP socket as /proc/net/tcp has it.
+#[derive(Debug)]
+struct TcpRow {
+    local: u16,
+    remote: u16,
+    /// Bytes sent and not yet acknowledged, or not sent at all.
+    tx_queue: u64,
+    /// The `tr` field: 2 while a keepalive timer is armed, 0 for none.
+    timer: u8,
+}
+
+/// The IPv4 TCP sockets of this network namespace (the proxy's among them).
+fn tcp_rows() -> Vec<TcpRow> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).unwrap();
+    let first = |f: &str| f.split(':').next().unwrap().to_owned();
+    table
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            TcpRow {
+                local: port(f[1]),
+                remote: port(f[2]),
+                tx_queue: u64::from_str_radix(&first(f[4]), 16).unwrap(),
+                timer: first(f[5]).parse().unwrap(),
+            }
+        })
+        .collect()
+}
+
+/// The socket from local port `local` to remote port `remote`.
+fn tcp_row(local: u16, remote: u16) -> TcpRow {
+    tcp_rows()
+        .into_iter()
+        .find(|r| r.local == local && r.remote == remote)
+        .unwrap_or_else(|| panic!("no socket {local} -> {remote}"))
 }
 
 #[tokio::test]
@@ -1168,30 +1179,18 @@ async fn connections_have_tcp_keepalive_on_both_sides_unless_turned_off() {
         assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
         // Downstream: the proxy's end of this connection. Upstream: the proxy's end of the
         // pooled connection, the only one to the upstream's port not the upstream's own.
-        let downstream = tcp_timer(proxy.addr.port(), client.local_addr().unwrap().port());
-        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-        let upstream_port = upstream.addr.port();
-        let outbound: Vec<u16> = table
-            .lines()
-            .skip(1)
-            .filter_map(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                let port = |a: &str| u16::from_str_radix(a.rsplit(':').next()?, 16).ok();
-                (port(fields[2])? == upstream_port).then(|| port(fields[1]))?
-            })
+        let downstream = tcp_row(proxy.addr.port(), client.local_addr().unwrap().port());
+        let outbound: Vec<TcpRow> = tcp_rows()
+            .into_iter()
+            .filter(|r| r.remote == upstream.addr.port())
             .collect();
         assert_eq!(
             outbound.len(),
             1,
             "one pooled upstream connection: {outbound:?}"
         );
-        let upstream_side = tcp_timer(outbound[0], upstream_port);
-        assert_eq!(downstream, Some(want), "downstream socket, config {toml:?}");
-        assert_eq!(
-            upstream_side,
-            Some(want),
-            "upstream socket, config {toml:?}"
-        );
+        assert_eq!(downstream.timer, want, "downstream socket, config {toml:?}");
+        assert_eq!(outbound[0].timer, want, "upstream socket, config {toml:?}");
     }
 }
 
@@ -1275,29 +1274,9 @@ async fn a_client_that_does_not_read_holds_little_in_the_kernel() {
     // (4 MiB here) whatever the peer reads, and snapguard moved about 3 MiB of a large response
     // into it for a client that reads nothing. With TCP_NOTSENT_LOWAT, about 128 KiB wait.
     let (_upstream, proxy) = support::pair(Reply::Large(16 * 1024 * 1024), "").await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut client = socket.connect(proxy.addr).await.unwrap();
-    client
-        .write_all(b"GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut head = [0u8; 1024];
-    let n = client.read(&mut head).await.unwrap();
-    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    let client = support::taking_nothing(proxy.addr).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // tx_queue of the proxy's end of this connection: bytes sent and not yet acknowledged, or
-    // not sent at all.
-    let (local, remote) = (proxy.addr.port(), client.local_addr().unwrap().port());
-    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    let port = |a: &str| u16::from_str_radix(a.rsplit(':').next().unwrap(), 16).unwrap();
-    let queued = table
-        .lines()
-        .skip(1)
-        .map(|line| line.split_whitespace().collect::<Vec<_>>())
-        .find(|f| port(f[1]) == local && port(f[2]) == remote)
-        .map(|f| u64::from_str_radix(f[4].split(':').next().unwrap(), 16).unwrap())
-        .expect("the proxy's socket");
+    let queued = tcp_row(proxy.addr.port(), client.local_addr().unwrap().port()).tx_queue;
     assert!(
         queued < 512 * 1024,
         "{queued} bytes queued for a client that reads nothing"

@@ -543,6 +543,12 @@ pub fn sample(exposition: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The value of `series` on the admin endpoint now (0 when it has none).
+pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
+    let got = admin_get(admin, "/metrics").await;
+    sample(&String::from_utf8_lossy(&got.body), series)
+}
+
 /// Polls `series` on the admin endpoint until it equals `want` (counters are written when a
 /// response body ends, which can be a moment after the client has it).
 pub async fn await_sample(admin: SocketAddr, series: &str, want: f64) {
@@ -642,6 +648,39 @@ pub async fn send_body(
         headers: parts.headers,
         body,
     }
+}
+
+/// Sends `GET /v3/p1/volumes` to `addr` on a connection whose receive buffer is 4 KiB, reads
+/// the response head (a 200) and nothing more; the connection is returned, to be kept open
+/// (or dropped) by the caller.
+pub async fn taking_nothing(addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /v3/p1/volumes HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 1024];
+    let n = stream.read(&mut head).await.unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &head[..n]);
+    stream
+}
+
+/// An HTTP/2 (prior knowledge) client connection to `addr`, driven by a task of its own whose
+/// handle says how the connection ended.
+pub async fn h2c(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<String>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    (sender, tokio::spawn(conn))
 }
 
 /// Writes `raw` on a fresh connection and reads until the peer closes or `wait` passes.
